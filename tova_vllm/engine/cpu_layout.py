@@ -1,0 +1,92 @@
+"""Where vLLM's CPU cache-write op puts each K/V element inside a block.
+
+vLLM 0.32's CPU attention stores a (block, kv-head) page as ``[2 * block_size, head_size]``
+rows, K in the first half and V in the second, but the order *inside* each half depends on
+the instruction set the kernel picked (``vec`` keeps K transposed, AMX pre-packs tiles,
+...), and vLLM has no op to read a cache back.  Rather than hard-coding one ISA's layout,
+we ask the write op itself: write coded values into a one-block scratch cache and see where
+each (token, dim) lands.  Any layout that is a permutation of the elements (all of them
+are) is then read and moved with plain tensor indexing, and a layout that is not a
+permutation fails loudly here instead of silently corrupting the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+# Every float dtype the cache can use stores small integers exactly; base-16 digits
+# (stored as digit + 1 so that 0 means "not written") stay exact even in bf16.
+_BASE = 16
+
+
+@dataclass(frozen=True)
+class HalfPageLayout:
+    """Where token t, dim d of K (or V) sits in a page viewed as ``[2 * bs, D]``: tensors
+    ``rows`` and ``cols`` of shape ``[bs, D]``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    key: HalfPageLayout
+    value: HalfPageLayout
+
+
+def _digits_needed(n: int) -> int:
+    digits = 1
+    while _BASE**digits < n:
+        digits += 1
+    return digits
+
+
+def _decode_half(passes: list[torch.Tensor], block_size: int, head_size: int, what: str,
+                 isa: str, first_row: int) -> HalfPageLayout:
+    """``passes[i]``: the half page (flat) after writing digit i of the element's code."""
+    size = block_size * head_size
+    code = torch.zeros(size, dtype=torch.long)
+    for i, written in enumerate(passes):
+        digit = written.float().round().long() - 1
+        if (digit < 0).any() or (digit >= _BASE).any():
+            raise RuntimeError(
+                f"tova-vllm: the CPU KV layout for isa={isa!r} is not a plain permutation "
+                f"of {what} elements (probe digit out of range); this layout is unsupported"
+            )
+        code += digit * _BASE**i
+    # code[o] = t * head_size + d for the element stored at flat offset o.
+    if not torch.equal(torch.sort(code).values, torch.arange(size)):
+        raise RuntimeError(
+            f"tova-vllm: the CPU KV layout for isa={isa!r} does not store each {what} "
+            "element exactly once inside its block; this layout is unsupported"
+        )
+    offset_of = torch.empty(size, dtype=torch.long)
+    offset_of[code] = torch.arange(size)
+    offset_of = offset_of.view(block_size, head_size)
+    return HalfPageLayout(rows=first_row + offset_of // head_size, cols=offset_of % head_size)
+
+
+@functools.lru_cache(maxsize=None)
+def probe_page_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PageLayout:
+    from vllm import _custom_ops as ops
+
+    element_code = torch.arange(block_size * head_size).view(block_size, 1, head_size)
+    passes: dict[str, list[torch.Tensor]] = {"key": [], "value": []}
+    for i in range(_digits_needed(block_size * head_size)):
+        digit = (element_code // _BASE**i) % _BASE + 1
+        page = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+        key_half, value_half = page.chunk(2, dim=2)
+        # K and V get different digits so a K element landing in the V half is caught.
+        ops.cpu_attn_reshape_and_cache(
+            digit.to(dtype), (_BASE - 1 - (digit - 1) + 1).to(dtype), key_half, value_half,
+            torch.arange(block_size), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        )
+        passes["key"].append(key_half.reshape(-1).clone())
+        passes["value"].append((_BASE + 1 - value_half.reshape(-1).float()).clone())
+    return PageLayout(
+        key=_decode_half(passes["key"], block_size, head_size, "K", isa, 0),
+        value=_decode_half(passes["value"], block_size, head_size, "V", isa, block_size),
+    )

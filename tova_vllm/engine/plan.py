@@ -1,0 +1,145 @@
+"""One engine step, planned once and shared by every layer.
+
+The scheduler hands the worker a batch in *logical* terms: request r has computed ``n_r``
+tokens and runs ``L_r`` new ones.  Under TOVA the request's KV lives at *cache positions*
+``[0, live)`` of its block table, and an eviction may have to happen in the middle of the
+new tokens (a ``chunked``-mode prompt boundary, or the decode rule while a preempted
+request replays its generated tokens).  The plan splits the step into *phases*: phase k
+holds every request's k-th segment (see ``EvictionSchedule.segments``).  Each layer then
+runs, per phase: write the segment's K/V, attend, evict.  In steady decode there is one
+phase holding the whole batch, in batch order, with one eviction per request.
+
+Pure torch and Python: no vLLM import, so it is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..policies import EvictionSchedule
+
+
+@dataclass(frozen=True)
+class RequestStep:
+    """What the planner needs to know about one request row of the batch."""
+
+    num_computed: int
+    num_new: int
+    prompt_len: int
+    cache_size: int
+    prompt_chunk: Optional[int]
+
+    def schedule(self) -> EvictionSchedule:
+        return EvictionSchedule(self.cache_size, self.prompt_len, self.prompt_chunk)
+
+
+@dataclass
+class EvictionBatch:
+    """Rows that evict at the end of a phase; every tensor is indexed by eviction row."""
+
+    query_index: torch.Tensor  # batch token index of the segment's last query
+    block_ids: torch.Tensor  # [E, S] physical block holding cache position s
+    block_offsets: torch.Tensor  # [E, S] position of s inside that block
+    live: torch.Tensor  # [E] cache positions in use before the eviction
+    keep: torch.Tensor  # [E] cache positions kept (the request's budget)
+    keep_list: list[int]
+    live_list: list[int]
+    one_drop_each: bool  # every row drops exactly one token: the batched decode rule
+
+
+@dataclass
+class Phase:
+    rows: list[int]  # request rows taking part, in batch order
+    token_index: Optional[torch.Tensor]  # batch tokens of this phase; None: all, in order
+    query_start_loc: torch.Tensor  # [len(rows) + 1], relative to the phase's tokens
+    cache_lens: torch.Tensor  # [len(rows)] positions each row attends over
+    slots: torch.Tensor  # [phase tokens] cache slot written by each token
+    max_query_len: int
+    evictions: Optional[EvictionBatch]
+
+
+def plan_step(
+    requests: Sequence[RequestStep],
+    block_table: torch.Tensor,
+    block_size: int,
+) -> list[Phase]:
+    """Split a step into phases and compute every cache slot it touches.
+
+    ``block_table`` is ``[rows, max_blocks]`` (int32 physical block ids).
+    """
+    segments_per_row = [
+        list(req.schedule().segments(req.num_computed, req.num_new)) for req in requests
+    ]
+    token_starts = [0]
+    for req in requests:
+        token_starts.append(token_starts[-1] + req.num_new)
+    num_phases = max((len(s) for s in segments_per_row), default=0)
+    single_phase = num_phases <= 1
+
+    block_table = block_table.to(torch.long)
+    phases: list[Phase] = []
+    for k in range(num_phases):
+        rows, token_index, cache_lens, slots_rows, slots_pos = [], [], [], [], []
+        query_start, max_query_len = [0], 0
+        evict_rows, evict_qidx, evict_live, evict_keep = [], [], [], []
+        for row, (req, segments) in enumerate(zip(requests, segments_per_row)):
+            if k >= len(segments):
+                continue
+            seg_start, seg_end, evicts = segments[k]
+            schedule = req.schedule()
+            live_before = schedule.live_after(seg_start)
+            length = seg_end - seg_start
+            first_token = token_starts[row] + (seg_start - req.num_computed)
+            rows.append(row)
+            token_index.extend(range(first_token, first_token + length))
+            cache_lens.append(live_before + length)
+            slots_rows.extend([row] * length)
+            slots_pos.extend(range(live_before, live_before + length))
+            query_start.append(query_start[-1] + length)
+            max_query_len = max(max_query_len, length)
+            if evicts:
+                evict_rows.append(row)
+                evict_qidx.append(first_token + length - 1)
+                evict_live.append(live_before + length)
+                evict_keep.append(req.cache_size)
+        positions = torch.tensor(slots_pos, dtype=torch.long)
+        row_ids = torch.tensor(slots_rows, dtype=torch.long)
+        slots = block_table[row_ids, positions // block_size] * block_size + positions % block_size
+        phases.append(
+            Phase(
+                rows=rows,
+                token_index=None if single_phase else torch.tensor(token_index, dtype=torch.long),
+                query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+                cache_lens=torch.tensor(cache_lens, dtype=torch.int32),
+                slots=slots,
+                max_query_len=max_query_len,
+                evictions=_eviction_batch(
+                    evict_rows, evict_qidx, evict_live, evict_keep, block_table, block_size
+                ),
+            )
+        )
+    return phases
+
+
+def _eviction_batch(rows, query_index, live, keep, block_table, block_size):
+    if not rows:
+        return None
+    width = max(live)
+    positions = torch.arange(width, dtype=torch.long)
+    live_t = torch.tensor(live, dtype=torch.long)
+    # Padding positions point at position 0 of the row: valid memory, masked in scoring.
+    padded = torch.where(positions.unsqueeze(0) < live_t.unsqueeze(1), positions, 0)
+    row_ids = torch.tensor(rows, dtype=torch.long).unsqueeze(1)
+    return EvictionBatch(
+        query_index=torch.tensor(query_index, dtype=torch.long),
+        block_ids=block_table[row_ids, padded // block_size],
+        block_offsets=padded % block_size,
+        live=live_t,
+        keep=torch.tensor(keep, dtype=torch.long),
+        keep_list=list(keep),
+        live_list=list(live),
+        one_drop_each=all(lv == kp + 1 for lv, kp in zip(live, keep)),
+    )

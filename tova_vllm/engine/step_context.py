@@ -1,0 +1,39 @@
+"""Per-request facts that vLLM does not put into ``CommonAttentionMetadata``.
+
+TOVA's eviction points depend on each request's prompt length (and, later, on per-request
+budgets), but attention metadata builders only see lengths and block tables.  The
+``runner_publishes_batch`` patch (see ``tova_vllm/_patches.py``) records the model runner
+while it builds attention metadata; the TOVA builder reads the batch's rows from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Optional
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def publishing_runner(runner: Any) -> Iterator[None]:
+    previous = getattr(_local, "runner", None)
+    _local.runner = runner
+    try:
+        yield
+    finally:
+        _local.runner = previous
+
+
+def current_runner() -> Optional[Any]:
+    return getattr(_local, "runner", None)
+
+
+def batch_prompt_lens(num_reqs: int) -> list[int]:
+    runner = current_runner()
+    if runner is None:
+        raise RuntimeError(
+            "tova-vllm: attention metadata was built outside GPUModelRunner."
+            "_build_attention_metadata, so the batch's prompt lengths are unknown"
+        )
+    return runner.input_batch.num_prompt_tokens[:num_reqs].tolist()
