@@ -14,8 +14,12 @@ POLICIES = ("tova",)
 PROMPT_MODES = ("prompt", "chunked")
 
 
-class TovaConfigError(ValueError):
-    """A bad ``additional_config["tova"]`` value; the message names the field."""
+class TovaConfigError(Exception):
+    """A bad ``additional_config["tova"]`` value; the message names the field.
+
+    Deliberately not a ValueError: it is raised inside ``VllmConfig.__post_init__``, and
+    pydantic would wrap a ValueError into a ValidationError that buries the message.
+    """
 
 
 @dataclass(frozen=True)

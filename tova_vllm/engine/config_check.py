@@ -14,8 +14,8 @@ from ..config import settings_from_additional_config
 logger = logging.getLogger("tova_vllm")
 
 
-class IncompatibleWithTova(ValueError):
-    pass
+class IncompatibleWithTova(Exception):
+    """Not a ValueError, so pydantic's VllmConfig validation does not re-wrap it."""
 
 
 def _reject(what: str) -> None:

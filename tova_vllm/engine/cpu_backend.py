@@ -25,7 +25,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from ..config import TovaSettings, settings_from_additional_config
 from ..policies import compaction_moves, head_summed_probs, slot_to_drop, slots_to_keep, tova_scores
-from .cpu_layout import probe_page_layout
+from .cpu_layout import copy_positions, gather, probe_page_layout
 from .plan import EvictionBatch, RequestStep, plan_step
 from .spec import TovaSpec
 from .step_context import batch_prompt_lens
@@ -138,6 +138,9 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         global _worker_settings
         settings = settings_from_additional_config(get_current_vllm_config().additional_config)
         self.tova = settings if self.attn_type == AttentionType.DECODER else None
+        if self.attn_type == AttentionType.DECODER:
+            # Every engine built in this process resets it: no budget leaks into the next.
+            _worker_settings = settings
         if self.tova is None:
             return
         for what, unsupported in (
@@ -149,7 +152,6 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         ):
             if unsupported:
                 raise UnsupportedLayerError(f"tova-vllm: TOVA does not support layers with {what}")
-        _worker_settings = settings
         from .._patches import apply_patch
 
         apply_patch("runner_publishes_batch")
@@ -195,10 +197,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
     def _evict(self, isa: str, query: torch.Tensor, pages: torch.Tensor, ev: EvictionBatch) -> None:
         block_size = pages.shape[2] // 2
         layout = probe_page_layout(isa, pages.dtype, block_size, self.head_size)
-        heads = torch.arange(pages.shape[1]).view(1, -1, 1, 1)
-        key_rows = layout.key.rows[ev.block_offsets].unsqueeze(1)  # [E, 1, S, D]
-        key_cols = layout.key.cols[ev.block_offsets].unsqueeze(1)
-        keys = pages[ev.block_ids[:, None, :, None], heads, key_rows, key_cols]  # [E, H, S, D]
+        keys = gather(pages, layout.key, ev.block_ids, ev.block_offsets)  # [E, H, S, D]
 
         head_sum = head_summed_probs(query[ev.query_index], keys, self.scale, ev.live)
         if self.tp_group is not None:
@@ -216,15 +215,5 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
                 src_l.append(src_e)
                 dst_l.append(dst_e)
             rows, src, dst = torch.cat(rows_l), torch.cat(src_l), torch.cat(dst_l)
-        self._move(pages, layout, ev.block_ids[rows, src], ev.block_offsets[rows, src],
-                   ev.block_ids[rows, dst], ev.block_offsets[rows, dst])
-
-    @staticmethod
-    def _move(pages, layout, src_block, src_offset, dst_block, dst_offset) -> None:
-        """Copy K and V of each source cache position onto its destination, all heads."""
-        heads = torch.arange(pages.shape[1]).view(1, -1, 1)
-        src_block, dst_block = src_block.view(-1, 1, 1), dst_block.view(-1, 1, 1)
-        for half in (layout.key, layout.value):
-            pages[dst_block, heads, half.rows[dst_offset].unsqueeze(1), half.cols[dst_offset].unsqueeze(1)] = (
-                pages[src_block, heads, half.rows[src_offset].unsqueeze(1), half.cols[src_offset].unsqueeze(1)]
-            )
+        copy_positions(pages, layout, ev.block_ids[rows, src], ev.block_offsets[rows, src],
+                       ev.block_ids[rows, dst], ev.block_offsets[rows, dst])

@@ -90,3 +90,32 @@ def probe_page_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: 
         key=_decode_half(passes["key"], block_size, head_size, "K", isa, 0),
         value=_decode_half(passes["value"], block_size, head_size, "V", isa, block_size),
     )
+
+
+def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
+           block_offsets: torch.Tensor) -> torch.Tensor:
+    """K (or V) of the cache positions given as ``[E, S]`` blocks and in-block offsets.
+
+    ``pages`` is the layer cache viewed ``[num_blocks, kv_heads, 2 * bs, D]``; returns
+    ``[E, kv_heads, S, D]``.
+    """
+    heads = torch.arange(pages.shape[1]).view(1, -1, 1, 1)
+    rows = half.rows[block_offsets].unsqueeze(1)  # [E, 1, S, D]
+    cols = half.cols[block_offsets].unsqueeze(1)
+    return pages[block_ids[:, None, :, None], heads, rows, cols]
+
+
+def copy_positions(pages: torch.Tensor, layout: PageLayout, src_block: torch.Tensor,
+                   src_offset: torch.Tensor, dst_block: torch.Tensor,
+                   dst_offset: torch.Tensor) -> None:
+    """Copy K and V, all heads, of each source position onto its destination (1-D args).
+
+    Sources and destinations must be disjoint sets (or equal pairs): all reads happen
+    before any write.
+    """
+    heads = torch.arange(pages.shape[1]).view(1, -1, 1)
+    src_block, dst_block = src_block.view(-1, 1, 1), dst_block.view(-1, 1, 1)
+    for half in (layout.key, layout.value):
+        dst = (dst_block, heads, half.rows[dst_offset].unsqueeze(1), half.cols[dst_offset].unsqueeze(1))
+        src = (src_block, heads, half.rows[src_offset].unsqueeze(1), half.cols[src_offset].unsqueeze(1))
+        pages[dst] = pages[src]

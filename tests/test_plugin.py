@@ -1,0 +1,118 @@
+"""The plugin as vLLM loads it: inert unless enabled, strict when enabled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import engine_harness  # noqa: F401  (in-process engine settings)
+from tova_vllm import _patches
+from tova_vllm.config import TovaConfigError
+from tova_vllm.engine.config_check import IncompatibleWithTova
+
+GENERATE = textwrap.dedent("""
+    import json, os, sys
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, block_size=32,
+                  enforce_eager=True, seed=0)
+        prompts = [{"prompt_token_ids": [3 + (i * 37) % 256 for i in range(n)]} for n in (5, 100, 300)]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        import tova_vllm
+        print("RESULT", json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                    "plugin_loaded": tova_vllm._registered}))
+""")
+
+
+def _generate(model_dir, tmp_path, env_updates):
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE)
+    env = {**os.environ, **env_updates}
+    env.pop("VLLM_PLUGINS", None) if "VLLM_PLUGINS" not in env_updates else None
+    proc = subprocess.run([sys.executable, str(script), str(model_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_installed_but_not_enabled_changes_nothing(tiny_models, tmp_path):
+    with_plugin = _generate(tiny_models["llama_gqa"], tmp_path, {})
+    without_plugin = _generate(tiny_models["llama_gqa"], tmp_path, {"VLLM_PLUGINS": ""})
+    assert with_plugin["plugin_loaded"] is True
+    assert without_plugin["plugin_loaded"] is False
+    assert with_plugin["tokens"] == without_plugin["tokens"]
+
+
+@pytest.mark.parametrize("bad", [0, -3, "abc"])
+def test_bad_cache_size_fails_at_startup(bad, tiny_models):
+    from vllm import LLM
+
+    with pytest.raises(TovaConfigError, match=r'\["cache_size"\] must be an integer >= 1'):
+        LLM(model=str(tiny_models["llama_gqa"]), additional_config={"tova": {"cache_size": bad}})
+
+
+def test_unknown_key_fails_at_startup(tiny_models):
+    from vllm import LLM
+
+    with pytest.raises(TovaConfigError, match="unknown key"):
+        LLM(model=str(tiny_models["llama_gqa"]),
+            additional_config={"tova": {"cache_size": 8, "window": 4}})
+
+
+def test_quantized_kv_cache_is_rejected(tiny_models):
+    from vllm import LLM
+
+    with pytest.raises(IncompatibleWithTova, match="kv_cache_dtype"):
+        LLM(model=str(tiny_models["llama_gqa"]), kv_cache_dtype="fp8",
+            additional_config={"tova": {"cache_size": 8}})
+
+
+def test_prefix_caching_is_turned_off(tiny_models):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=True,
+                      additional_config={"tova": {"cache_size": 8}})
+    assert args.create_engine_config().cache_config.enable_prefix_caching is False
+    vanilla = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=True)
+    assert vanilla.create_engine_config().cache_config.enable_prefix_caching is True
+
+
+def test_version_gate(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    monkeypatch.delenv(_patches.VERSION_OVERRIDE_ENV, raising=False)
+    with pytest.raises(_patches.UnsupportedVllmVersion, match="supports vLLM 0.32"):
+        _patches.check_vllm_version()
+    monkeypatch.setenv(_patches.VERSION_OVERRIDE_ENV, "1")
+    _patches.check_vllm_version()  # loud warning, no error
+    monkeypatch.setattr(vllm, "__version__", "0.32.0")
+    monkeypatch.delenv(_patches.VERSION_OVERRIDE_ENV)
+    _patches.check_vllm_version()
+
+
+def test_patches_are_idempotent_and_documented():
+    from vllm.config import VllmConfig
+
+    for name, patch in _patches.PATCHES.items():
+        assert patch.why and patch.touches and patch.removal, name
+        _patches.apply_patch(name)
+    wrapped = VllmConfig.__post_init__
+    _patches.apply_patch("config_validates_tova")
+    assert VllmConfig.__post_init__ is wrapped
+    assert getattr(wrapped.__tova_original__, "__tova_original__", None) is None
+
+
+def test_vllm_command_starts_on_the_cpu_build():
+    """vllm-cpu's `vllm` command crashes unless the install step added the version alias."""
+    proc = subprocess.run(["vllm", "--version"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0.32.0" in proc.stdout

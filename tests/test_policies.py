@@ -1,0 +1,247 @@
+"""Unit tests of the pure-torch policy code: schedule, scoring, selection, compaction."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from tova_vllm.policies import (
+    EvictionSchedule,
+    compaction_moves,
+    head_summed_probs,
+    slot_to_drop,
+    slots_to_keep,
+    tova_scores,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+# --------------------------------------------------------------------------- schedule
+
+
+def _simulate(cache_size: int, prompt_len: int, prompt_chunk: int | None, total: int):
+    """Token-by-token model of the schedule, written from the definition only.
+
+    Returns (held after n tokens for n in 0..total, eviction points, peak while adding
+    token n, i.e. the live count right after appending it).
+    """
+    held, evictions, after, peak_at = 0, [], [0], []
+    for n in range(total):
+        held += 1
+        peak_at.append(held)
+        boundary = n + 1 >= prompt_len or (prompt_chunk is not None and (n + 1) % prompt_chunk == 0)
+        if boundary and held > cache_size:
+            held = cache_size
+            evictions.append(n + 1)
+        after.append(held)
+    return after, evictions, peak_at
+
+
+SCHEDULES = [
+    # (cache_size, prompt_len, prompt_chunk)
+    (4, 10, None),
+    (4, 3, None),
+    (1, 5, None),
+    (3, 7, 2),
+    (3, 7, 1),
+    (5, 20, 4),
+    (8, 20, 3),
+    (6, 6, 6),
+    (6, 6, 100),
+    (10, 4, 2),
+]
+
+
+def test_live_after_prompt_mode_by_hand():
+    s = EvictionSchedule(4, prompt_len=10)
+    assert [s.live_after(n) for n in range(13)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 4, 4, 4]
+    # Prompt shorter than the cache: nothing to evict until decode passes C.
+    s = EvictionSchedule(4, prompt_len=3)
+    assert [s.live_after(n) for n in range(7)] == [0, 1, 2, 3, 4, 4, 4]
+
+
+def test_live_after_chunked_mode_by_hand():
+    # C=3, K=2, P=7: boundaries 2, 4, 6, 7, 8, ...; at 2 nothing exceeds C.
+    s = EvictionSchedule(3, prompt_len=7, prompt_chunk=2)
+    assert [s.live_after(n) for n in range(10)] == [0, 1, 2, 3, 3, 4, 3, 3, 3, 3]
+
+
+def test_segments_by_hand():
+    s = EvictionSchedule(4, prompt_len=10)
+    assert list(s.segments(0, 10)) == [(0, 10, True)]
+    assert list(s.segments(10, 1)) == [(10, 11, True)]
+    # A scheduler chunk inside the prompt never evicts in prompt mode.
+    assert list(s.segments(2, 5)) == [(2, 7, False)]
+
+    s = EvictionSchedule(4, prompt_len=3)
+    assert list(s.segments(0, 3)) == [(0, 3, False)]
+    assert list(s.segments(3, 1)) == [(3, 4, False)]
+    assert list(s.segments(4, 1)) == [(4, 5, True)]
+
+    s = EvictionSchedule(3, prompt_len=7, prompt_chunk=2)
+    # Boundary 2 does not split (2 <= C); 4, 6 and the prompt end 7 evict.
+    assert list(s.segments(0, 7)) == [(0, 4, True), (4, 6, True), (6, 7, True)]
+    # A chunk the scheduler cut elsewhere splits at the same fixed points.
+    assert list(s.segments(3, 3)) == [(3, 4, True), (4, 6, True)]
+    assert list(s.segments(3, 2)) == [(3, 4, True), (4, 5, False)]
+
+
+def test_peak_live_by_hand():
+    assert EvictionSchedule(3, prompt_len=7, prompt_chunk=2).peak_live(0, 7) == 5  # C + K
+    assert EvictionSchedule(4, prompt_len=10).peak_live(0, 10) == 10  # the whole prompt
+    assert EvictionSchedule(4, prompt_len=10).peak_live(10, 1) == 5  # C + 1 in decode
+
+
+@pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
+def test_schedule_matches_token_by_token_model(cache_size, prompt_len, prompt_chunk):
+    total = prompt_len + 12
+    after, evictions, _ = _simulate(cache_size, prompt_len, prompt_chunk, total)
+    s = EvictionSchedule(cache_size, prompt_len, prompt_chunk)
+    assert [s.live_after(n) for n in range(total + 1)] == after
+
+    segs = list(s.segments(0, total))
+    assert [e for _, e, evicts in segs if evicts] == evictions
+    # Segments tile the range, and end only at evictions or at the end.
+    assert segs[0][0] == 0 and segs[-1][1] == total
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(segs))
+    assert all(evicts or e == total for _, e, evicts in segs)
+
+
+@pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
+@pytest.mark.parametrize("seed", range(5))
+def test_segments_do_not_depend_on_scheduler_chunks(cache_size, prompt_len, prompt_chunk, seed):
+    total = prompt_len + 10
+    after, evictions, peak_at = _simulate(cache_size, prompt_len, prompt_chunk, total)
+    s = EvictionSchedule(cache_size, prompt_len, prompt_chunk)
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, total), k=min(total - 1, rng.randint(1, 6))))
+    seen = []
+    for start, end in itertools.pairwise([0, *cuts, total]):
+        segs = list(s.segments(start, end - start))
+        seen += [e for _, e, evicts in segs if evicts]
+        # Live count before the chunk + its tokens, evicting at the fixed points.
+        assert s.peak_live(start, end - start) == max([after[start], *peak_at[start:end]])
+    assert seen == evictions
+
+
+def test_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        EvictionSchedule(0, prompt_len=5)
+    with pytest.raises(ValueError):
+        EvictionSchedule(4, prompt_len=5, prompt_chunk=0)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_head_summed_probs_matches_naive_loop(q_heads, kv_heads):
+    g = torch.Generator().manual_seed(q_heads * 10 + kv_heads)
+    rows, slots, dim = 3, 9, 16
+    query = torch.randn(rows, q_heads, dim, generator=g)
+    keys = torch.randn(rows, kv_heads, slots, dim, generator=g)
+    live = torch.tensor([9, 4, 1])
+    scale = dim**-0.5
+    got = head_summed_probs(query, keys, scale, live)
+    group = q_heads // kv_heads
+    for r in range(rows):
+        n = int(live[r])
+        want = torch.zeros(slots, dtype=torch.float64)
+        for h in range(q_heads):
+            kv = keys[r, h // group]
+            logits = torch.tensor([float(query[r, h] @ kv[j]) * scale for j in range(n)])
+            want[:n] += torch.softmax(logits.double(), dim=0)
+        torch.testing.assert_close(got[r].double(), want, atol=1e-6, rtol=1e-5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(tova_scores(got, q_heads).sum(-1), torch.ones(rows))
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_slots_to_keep_by_hand():
+    scores = torch.tensor([0.1, 0.5, 0.1, 0.3, 0.1])
+    # Ties at 0.1 in slots 0, 2, 4: the lowest slot ranks first, the highest is dropped.
+    assert slots_to_keep(scores, 3).tolist() == [0, 1, 3]
+    assert slots_to_keep(scores, 4).tolist() == [0, 1, 2, 3]
+    assert slots_to_keep(torch.full((6,), 0.25), 4).tolist() == [0, 1, 2, 3]
+    assert slots_to_keep(scores, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_slot_to_drop_by_hand():
+    scores = torch.tensor(
+        [
+            [0.3, 0.1, 0.2, 0.1, 0.0],  # tie at 0.1 (slots 1, 3); slot 4 is padding
+            [0.5, 0.5, 0.5, 0.5, 0.5],  # all equal: the highest live slot
+            [0.9, 0.0, 0.8, 9.0, 9.0],  # clear minimum
+        ]
+    )
+    live = torch.tensor([4, 5, 3])
+    assert slot_to_drop(scores, live).tolist() == [3, 4, 1]
+
+
+def _reference_drop(scores: list[float]) -> int:
+    """The documented rule, spelled out: lowest score; among equals, the highest slot."""
+    low = min(scores)
+    return max(j for j, s in enumerate(scores) if s == low)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("seed", range(20))
+def test_slot_to_drop_agrees_with_slots_to_keep(seed, tied):
+    g = torch.Generator().manual_seed(seed)
+    rows, slots = 6, 12
+    if tied:  # few distinct values: many exact ties
+        scores = torch.randint(0, 3, (rows, slots), generator=g).float()
+    else:
+        scores = torch.rand(rows, slots, generator=g)
+    live = torch.randint(1, slots + 1, (rows,), generator=g)
+    dropped = slot_to_drop(scores, live)
+    for r in range(rows):
+        n = int(live[r])
+        row = scores[r, :n]
+        kept = slots_to_keep(row, n - 1).tolist()
+        (missing,) = set(range(n)) - set(kept)
+        assert int(dropped[r]) == missing == _reference_drop(row.tolist())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slots_to_keep_is_top_k_with_slot_tie_break(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 30)
+    keep = rng.randint(1, n)
+    values = [rng.choice([0.0, 0.25, 0.5, 1.0]) if seed % 2 else rng.random() for _ in range(n)]
+    kept = slots_to_keep(torch.tensor(values), keep).tolist()
+    want = sorted(sorted(range(n), key=lambda j: (-values[j], j))[:keep])
+    assert kept == want
+
+
+def test_compaction_moves_by_hand():
+    src, dst = compaction_moves(torch.tensor([0, 2, 5, 6]), 4)
+    assert src.tolist() == [5, 6] and dst.tolist() == [1, 3]
+    # Decode: C + 1 slots, one dropped.
+    src, dst = compaction_moves(torch.tensor([0, 1, 3, 4]), 4)
+    assert src.tolist() == [4] and dst.tolist() == [2]
+    # The newest token itself dropped: nothing moves.
+    src, dst = compaction_moves(torch.tensor([0, 1, 2, 3]), 4)
+    assert src.numel() == 0 and dst.numel() == 0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_compaction_moves_pack_kept_slots(seed):
+    rng = random.Random(seed)
+    keep = rng.randint(1, 16)
+    total = keep + rng.randint(1, 20)
+    kept = torch.tensor(sorted(rng.sample(range(total), keep)))
+    src, dst = compaction_moves(kept, keep)
+    cache = list(range(total))  # slot -> token id
+    for s, d in zip(src.tolist(), dst.tolist()):
+        cache[d] = cache[s]
+    assert sorted(cache[:keep]) == kept.tolist()
+    # Survivors already below the budget stay put; movers go in ascending order.
+    assert all(cache[j] == j for j in kept.tolist() if j < keep)
+    assert src.tolist() == sorted(src.tolist()) and dst.tolist() == sorted(dst.tolist())
+    assert all(s >= keep for s in src.tolist()) and all(d < keep for d in dst.tolist())
