@@ -134,7 +134,8 @@ def _check_plan(requests: list[RequestStep], block_size: int, seed: int = 0):
             assert ev is None, f"phase {k}"
             continue
         assert ev is not None, f"phase {k}"
-        assert ev.query_index.tolist() == [token_start[row] + pc.new_tokens[-1] for row, pc in evicting]
+        last_tokens = [token_start[row] + pc.new_tokens[-1] for row, pc in evicting]
+        assert ev.query_index.tolist() == last_tokens, f"phase {k}"
         live = [pc.evict[0] for _, pc in evicting]
         keep = [pc.evict[1] for _, pc in evicting]
         assert ev.live.tolist() == live and ev.live_list == live

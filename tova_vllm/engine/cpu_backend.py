@@ -85,10 +85,12 @@ class TovaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self.tova_spec = kv_cache_spec if isinstance(kv_cache_spec, TovaSpec) else None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        if self.tova_spec is None:
-            return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
+        if self.tova_spec is None or int(cm.seq_lens[:num_reqs].max()) <= self.tova_spec.tova_cache_size:
+            # Nothing has been or will be evicted this step: cache positions are logical
+            # positions, and vLLM's own metadata and KV write are exactly right.
+            return super().build(common_prefix_len, cm, fast_build)
         query_start = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens = cm.seq_lens[:num_reqs].tolist()
         prompt_lens = batch_prompt_lens(num_reqs)
@@ -105,13 +107,21 @@ class TovaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 )
             )
         block_table = cm.block_table_tensor[:num_reqs]
+        plan = plan_step(requests, block_table, self.block_size)
+        # vLLM's own KV write (before attention, same slot tensor, updated in place) stores
+        # the first phase; later phases are written in forward(), after their eviction.
+        vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
+        if plan[0].token_index is None:
+            vllm_slots.copy_(plan[0].slots)
+        else:
+            vllm_slots.fill_(-1)  # negative slots are skipped by the write op
+            vllm_slots[plan[0].token_index] = plan[0].slots
         phases = []
-        for phase in plan_step(requests, block_table, self.block_size):
+        for phase in plan:
             max_seq_len = int(phase.cache_lens.max())
             if phase.token_index is None:
-                phase_cm = cm.replace(
-                    seq_lens=phase.cache_lens, max_seq_len=max_seq_len, slot_mapping=phase.slots
-                )
+                phase_cm = cm.replace(seq_lens=phase.cache_lens, max_seq_len=max_seq_len,
+                                      slot_mapping=phase.slots)
             else:
                 rows = torch.tensor(phase.rows, dtype=torch.long)
                 phase_cm = cm.replace(
@@ -161,11 +171,6 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         self.tp_group = get_tp_group() if self.tp_size > 1 else None
         self.total_q_heads = self.num_heads * self.tp_size
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if self.tova is None:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        # TOVA writes K/V inside forward(), phase by phase, at cache positions.
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         if not isinstance(attn_metadata, TovaCPUMetadata):
@@ -175,18 +180,19 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1)
         key_cache, value_cache = pages.chunk(2, dim=2)
         num_tokens = attn_metadata.num_actual_tokens
-        for phase in attn_metadata.phases:
+        for i, phase in enumerate(attn_metadata.phases):
             if phase.token_index is None:
                 q, k, v, out = query[:num_tokens], key[:num_tokens], value[:num_tokens], output
             else:
                 idx = phase.token_index
                 q, k, v = query[idx], key[idx], value[idx]
                 out = torch.empty_like(output[: idx.numel()])
-            ops.cpu_attn_reshape_and_cache(
-                k, v, key_cache, value_cache, phase.slots, layer.isa,
-                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                kv_cache_dtype=self.kv_cache_dtype,
-            )
+            if i > 0:  # vLLM's own cache update already wrote the first phase
+                ops.cpu_attn_reshape_and_cache(
+                    k, v, key_cache, value_cache, phase.slots, layer.isa,
+                    k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                    kv_cache_dtype=self.kv_cache_dtype,
+                )
             super().forward(layer, q, k, v, kv_cache, phase.kernel, out)
             if phase.token_index is not None:
                 output[phase.token_index] = out

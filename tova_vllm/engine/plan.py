@@ -70,6 +70,8 @@ def plan_step(
 
     ``block_table`` is ``[rows, max_blocks]`` (int32 physical block ids).
     """
+    if requests and all(r.num_new == 1 and r.num_computed >= r.prompt_len for r in requests):
+        return [_plan_decode(requests, block_table, block_size)]
     segments_per_row = [
         list(req.schedule().segments(req.num_computed, req.num_new)) for req in requests
     ]
@@ -122,6 +124,44 @@ def plan_step(
             )
         )
     return phases
+
+
+def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
+                 block_size: int) -> Phase:
+    """Steady decode, vectorized: one token per request, written at slot min(n, C)."""
+    computed = torch.tensor([r.num_computed for r in requests], dtype=torch.long)
+    budget = torch.tensor([r.cache_size for r in requests], dtype=torch.long)
+    live_before = torch.minimum(computed, budget)
+    block_table = block_table.to(torch.long)
+    rows = torch.arange(len(requests))
+    slots = block_table[rows, live_before // block_size] * block_size + live_before % block_size
+    evicting = torch.nonzero(computed >= budget).flatten()
+    evictions = None
+    if evicting.numel():
+        live = budget[evicting] + 1
+        width = int(live.max())
+        positions = torch.arange(width)
+        padded = torch.where(positions.unsqueeze(0) < live.unsqueeze(1), positions, 0)
+        keep_list = budget[evicting].tolist()
+        evictions = EvictionBatch(
+            query_index=evicting,
+            block_ids=block_table[evicting.unsqueeze(1), padded // block_size],
+            block_offsets=padded % block_size,
+            live=live,
+            keep=budget[evicting],
+            keep_list=keep_list,
+            live_list=[k + 1 for k in keep_list],
+            one_drop_each=True,
+        )
+    return Phase(
+        rows=list(range(len(requests))),
+        token_index=None,
+        query_start_loc=torch.arange(len(requests) + 1, dtype=torch.int32),
+        cache_lens=(live_before + 1).to(torch.int32),
+        slots=slots,
+        max_query_len=1,
+        evictions=evictions,
+    )
 
 
 def _eviction_batch(rows, query_index, live, keep, block_table, block_size):
