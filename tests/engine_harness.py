@@ -22,6 +22,7 @@ class Req:
     prompt: tuple[int, ...]
     max_tokens: int
     arrival_step: int = 0
+    extra_args: Optional[dict] = None
 
 
 @dataclass
@@ -86,7 +87,8 @@ def run(llm, requests: Sequence[Req], *, logprobs: bool = False,
         while pending and requests[pending[0]].arrival_step <= step:
             i = pending.pop(0)
             params = SamplingParams(max_tokens=requests[i].max_tokens, temperature=0.0,
-                                    ignore_eos=True, logprobs=0 if logprobs else None)
+                                    ignore_eos=True, logprobs=0 if logprobs else None,
+                                    extra_args=requests[i].extra_args)
             engine.add_request(str(i), {"prompt_token_ids": list(requests[i].prompt)}, params)
         for i, at in list(abort_at.items()):
             if at == step:

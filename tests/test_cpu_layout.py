@@ -144,6 +144,34 @@ def test_gather_reads_what_vllm_wrote(dtype, block_size, head_size, kv_heads):
     assert torch.equal(rest_v, before_v[untouched])
 
 
+@pytest.mark.parametrize("dtype,block_size,head_size,kv_heads",
+                         [GRID[i] for i in (0, 15, -3, -2)], ids=[IDS[i] for i in (0, 15, -3, -2)])
+def test_write_op_skips_negative_slots(dtype, block_size, head_size, kv_heads):
+    """The backend hands vLLM's own KV write a slot mapping with -1 for tokens of later
+    phases; the op must leave the cache alone for those tokens."""
+    gen = torch.Generator().manual_seed(3 + block_size + head_size + kv_heads)
+    isa, layout = _isa_layout(dtype, block_size, head_size)
+    cache, pages, key_cache, value_cache = _cache(dtype, block_size, head_size, kv_heads, gen)
+    raw_before = cache.clone()
+    n = NUM_BLOCKS * block_size
+    slots = torch.randperm(n, generator=gen)[:12]
+    skipped = torch.tensor([0, 3, 4, 9, 11])
+    slots[skipped] = -1
+    key = torch.randn(12, kv_heads, head_size, generator=gen).to(dtype)
+    value = torch.randn(12, kv_heads, head_size, generator=gen).to(dtype)
+    _write(key, value, key_cache, value_cache, slots, isa)
+
+    written = slots >= 0
+    got_k, got_v = _gather_slots(pages, layout, slots[written])
+    assert torch.equal(got_k, key[written]) and torch.equal(got_v, value[written])
+    others = torch.ones(n, dtype=torch.bool)
+    others[slots[written]] = False
+    before_k, before_v = _gather_slots(raw_before.view_as(pages), layout, torch.arange(n))
+    after_k, after_v = _gather_slots(pages, layout, torch.arange(n))
+    assert torch.equal(after_k[others], before_k[others])
+    assert torch.equal(after_v[others], before_v[others])
+
+
 @pytest.mark.parametrize("dtype,block_size,head_size,kv_heads", GRID, ids=IDS)
 def test_copy_positions_moves_exactly_the_requested_positions(dtype, block_size, head_size,
                                                               kv_heads):

@@ -204,3 +204,51 @@ def test_preemption_after_eviction_replays_exactly(tiny_models, hf_models):
         shutdown(llm)
     assert preempted_after_eviction, "nothing was preempted after its eviction started"
     assert got == _reference(hf_models[arch], requests, cache_size)
+
+
+def test_per_request_budget_lowers_memory_and_matches_reference(tiny_models, hf_models):
+    """SamplingParams(extra_args={"tova_cache_size": N}) sets C for one request only."""
+    arch, server_budget = "llama_gqa", 96
+    prompts = random_prompts((50, 120, 120), seed=6)
+    budgets = (None, 16, 40)
+    requests = [Req(p, 60, 0, None if b is None else {"tova_cache_size": b})
+                for p, b in zip(prompts, budgets)]
+    held = {}
+
+    def record(scheduler):
+        manager = kv_manager(scheduler)
+        for request in scheduler.running:
+            if request.num_computed_tokens > request.num_prompt_tokens + 1:
+                held[request.request_id.split("-")[0]] = real_blocks(manager, request.request_id)
+
+    llm = make_llm(tiny_models[arch], {"cache_size": server_budget})
+    try:
+        got = run(llm, requests, after_step=record).tokens
+    finally:
+        shutdown(llm)
+    for i, budget in enumerate(budgets):
+        c = server_budget if budget is None else budget
+        assert got[i] == reference_generate(hf_models[arch], list(prompts[i]), cache_size=c,
+                                            max_new_tokens=60).token_ids, i
+        assert held[str(i)] == cdiv(c + 1, BLOCK), (i, held)
+
+
+@pytest.fixture(scope="module")
+def budget_96_engine(tiny_models):
+    llm = make_llm(tiny_models["llama_mha"], {"cache_size": 96})
+    yield llm
+    shutdown(llm)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 97, 2.5, "8", True])
+def test_bad_per_request_budget_is_rejected_and_engine_keeps_serving(bad, budget_96_engine):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm = budget_96_engine
+    with pytest.raises(VLLMValidationError, match="tova_cache_size must be an integer from 1 to 96"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                     SamplingParams(max_tokens=4, extra_args={"tova_cache_size": bad}))
+    ok = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                      SamplingParams(max_tokens=4, extra_args={"tova_cache_size": 8}))
+    assert len(ok[0].outputs[0].token_ids) == 4

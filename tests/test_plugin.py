@@ -116,3 +116,17 @@ def test_vllm_command_starts_on_the_cpu_build():
     proc = subprocess.run(["vllm", "--version"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "0.32.0" in proc.stdout
+
+
+def test_sliding_window_model_is_rejected_naming_the_layer_kind(tiny_models, tmp_path):
+    import shutil
+
+    from vllm import LLM
+
+    model_dir = tmp_path / "mistral_swa"
+    shutil.copytree(tiny_models["mistral"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["sliding_window"] = 64
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleWithTova, match="sliding-window attention"):
+        LLM(model=str(model_dir), additional_config={"tova": {"cache_size": 8}})

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-logger = logging.getLogger("tova_vllm")
+# Under vLLM's logger tree so vLLM's handler and level apply.
+logger = logging.getLogger("vllm.tova_vllm")
 
 SUPPORTED_VLLM = "0.32"
 VERSION_OVERRIDE_ENV = "TOVA_VLLM_ALLOW_UNSUPPORTED_VLLM"
@@ -108,6 +109,36 @@ def _apply_runner_publishes_batch() -> None:
     _wrap(GPUModelRunner, "_build_attention_metadata", make)
 
 
+def _apply_input_processor_validates_budget() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from .config import (
+        REQUEST_CACHE_SIZE_ARG,
+        TovaRequestError,
+        request_cache_size,
+        settings_from_additional_config,
+    )
+
+    def make(original):
+        def _validate_params(self, params, *args, **kwargs):
+            result = original(self, params, *args, **kwargs)
+            settings = settings_from_additional_config(self.vllm_config.additional_config)
+            if settings is not None and isinstance(params, SamplingParams):
+                try:
+                    request_cache_size(params.extra_args, settings.cache_size)
+                except TovaRequestError as error:
+                    raise VLLMValidationError(
+                        str(error), parameter=REQUEST_CACHE_SIZE_ARG,
+                        value=(params.extra_args or {}).get(REQUEST_CACHE_SIZE_ARG),
+                    ) from None
+            return result
+        return _validate_params
+
+    _wrap(InputProcessor, "_validate_params", make)
+
+
 PATCHES: dict[str, RuntimePatch] = {
     p.name: p
     for p in (
@@ -141,6 +172,16 @@ PATCHES: dict[str, RuntimePatch] = {
             removal="Upstream a num_prompt_tokens field on CommonAttentionMetadata (the runner "
             "already computes num_prompt_tokens_cpu for is_prefilling).",
             apply=_apply_runner_publishes_batch,
+        ),
+        RuntimePatch(
+            name="input_processor_validates_budget",
+            why="A per-request budget (extra_args/vllm_xargs tova_cache_size) must be "
+            "checked against the server's cache_size where requests enter, so a bad value "
+            "is a 400 for that request instead of an error inside the engine.",
+            touches="vllm.v1.engine.input_processor.InputProcessor._validate_params (wrapped: "
+            "checks run after vLLM's own)",
+            removal="Upstream a plugin hook for validating SamplingParams.extra_args.",
+            apply=_apply_input_processor_validates_budget,
         ),
     )
 }

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 CONFIG_KEY = "tova"
+# Per-request budget: SamplingParams(extra_args={...}) offline, vllm_xargs over HTTP.
+REQUEST_CACHE_SIZE_ARG = "tova_cache_size"
 POLICIES = ("tova",)
 PROMPT_MODES = ("prompt", "chunked")
 
@@ -20,6 +22,10 @@ class TovaConfigError(Exception):
     Deliberately not a ValueError: it is raised inside ``VllmConfig.__post_init__``, and
     pydantic would wrap a ValueError into a ValidationError that buries the message.
     """
+
+
+class TovaRequestError(ValueError):
+    """A bad per-request TOVA argument (HTTP 400 on the server)."""
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,20 @@ def settings_from_additional_config(additional_config: Any) -> Optional[TovaSett
     if not additional_config or CONFIG_KEY not in additional_config:
         return None
     return TovaSettings.parse(additional_config[CONFIG_KEY])
+
+
+def request_cache_size(extra_args: Optional[Mapping[str, Any]], server_cache_size: int) -> int:
+    """The budget of one request: ``extra_args["tova_cache_size"]`` or the server's.
+
+    A request may only lower the budget: the server's ``cache_size`` is the memory plan
+    (blocks per request, admission, maximum concurrency) and is never exceeded.
+    """
+    if not extra_args or REQUEST_CACHE_SIZE_ARG not in extra_args:
+        return server_cache_size
+    value = extra_args[REQUEST_CACHE_SIZE_ARG]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= server_cache_size:
+        raise TovaRequestError(
+            f"{REQUEST_CACHE_SIZE_ARG} must be an integer from 1 to {server_cache_size} "
+            f"(the server's cache_size), got {value!r}"
+        )
+    return value

@@ -11,7 +11,8 @@ import logging
 
 from ..config import settings_from_additional_config
 
-logger = logging.getLogger("tova_vllm")
+# Under vLLM's logger tree so vLLM's handler and level apply.
+logger = logging.getLogger("vllm.tova_vllm")
 
 
 class IncompatibleWithTova(Exception):
@@ -30,9 +31,11 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
     if settings is None:
         return
     if before_post_init:
-        from .._patches import check_vllm_version
+        from .._patches import apply_patch, check_vllm_version
 
         check_vllm_version()
+        # Requests enter in this process: check per-request budgets here.
+        apply_patch("input_processor_validates_budget")
         _check_model(vllm_config)
         _check_features(vllm_config)
         cache = vllm_config.cache_config

@@ -28,7 +28,7 @@ from ..policies import compaction_moves, head_summed_probs, slot_to_drop, slots_
 from .cpu_layout import copy_positions, gather, probe_page_layout
 from .plan import EvictionBatch, RequestStep, plan_step
 from .spec import TovaSpec
-from .step_context import batch_prompt_lens
+from .step_context import batch_rows
 
 # Set when this worker builds its first TOVA layer: vLLM asks ``customize_spec`` for the
 # layers' KV specs at a point where no current config is set, so it reads this instead.
@@ -87,13 +87,15 @@ class TovaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        if self.tova_spec is None or int(cm.seq_lens[:num_reqs].max()) <= self.tova_spec.tova_cache_size:
+        if self.tova_spec is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        seq_lens = cm.seq_lens[:num_reqs].tolist()
+        prompt_lens, budgets = batch_rows(num_reqs, self.tova_spec.tova_cache_size)
+        if all(n <= c for n, c in zip(seq_lens, budgets)):
             # Nothing has been or will be evicted this step: cache positions are logical
             # positions, and vLLM's own metadata and KV write are exactly right.
             return super().build(common_prefix_len, cm, fast_build)
         query_start = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
-        seq_lens = cm.seq_lens[:num_reqs].tolist()
-        prompt_lens = batch_prompt_lens(num_reqs)
         requests = []
         for row in range(num_reqs):
             num_new = query_start[row + 1] - query_start[row]
@@ -102,7 +104,7 @@ class TovaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                     num_computed=seq_lens[row] - num_new,
                     num_new=num_new,
                     prompt_len=prompt_lens[row],
-                    cache_size=self.tova_spec.tova_cache_size,
+                    cache_size=budgets[row],
                     prompt_chunk=self.tova_spec.prompt_chunk,
                 )
             )

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from ..config import request_cache_size
 from ..policies import EvictionSchedule, cdiv
 
 
@@ -75,7 +76,11 @@ class TovaManager(FullAttentionManager):
         if self.requests is None:
             raise RuntimeError("tova-vllm: the scheduler did not share its request table")
         request = self.requests[request_id]
-        return EvictionSchedule(spec.tova_cache_size, request.num_prompt_tokens, spec.prompt_chunk)
+        # Validated when the request entered the engine (input_processor_validates_budget).
+        budget = request_cache_size(
+            getattr(request.sampling_params, "extra_args", None), spec.tova_cache_size
+        )
+        return EvictionSchedule(budget, request.num_prompt_tokens, spec.prompt_chunk)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,

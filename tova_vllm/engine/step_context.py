@@ -1,7 +1,6 @@
 """Per-request facts that vLLM does not put into ``CommonAttentionMetadata``.
 
-TOVA's eviction points depend on each request's prompt length (and, later, on per-request
-budgets), but attention metadata builders only see lengths and block tables.  The
+TOVA's eviction points depend on each request's prompt length and budget, but attention metadata builders only see lengths and block tables.  The
 ``runner_publishes_batch`` patch (see ``tova_vllm/_patches.py``) records the model runner
 while it builds attention metadata; the TOVA builder reads the batch's rows from it.
 """
@@ -11,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from typing import Any, Iterator, Optional
+
+from ..config import request_cache_size
 
 _local = threading.local()
 
@@ -29,11 +30,20 @@ def current_runner() -> Optional[Any]:
     return getattr(_local, "runner", None)
 
 
-def batch_prompt_lens(num_reqs: int) -> list[int]:
+def batch_rows(num_reqs: int, server_cache_size: int) -> tuple[list[int], list[int]]:
+    """Prompt length and TOVA budget of each of the batch's first ``num_reqs`` rows."""
     runner = current_runner()
     if runner is None:
         raise RuntimeError(
             "tova-vllm: attention metadata was built outside GPUModelRunner."
             "_build_attention_metadata, so the batch's prompt lengths are unknown"
         )
-    return runner.input_batch.num_prompt_tokens[:num_reqs].tolist()
+    batch = runner.input_batch
+    budgets = [
+        request_cache_size(
+            getattr(runner.requests[req_id].sampling_params, "extra_args", None),
+            server_cache_size,
+        )
+        for req_id in batch.req_ids[:num_reqs]
+    ]
+    return batch.num_prompt_tokens[:num_reqs].tolist(), budgets

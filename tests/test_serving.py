@@ -1,0 +1,196 @@
+"""TOVA through the real ``vllm serve`` CLI and the official ``openai`` client.
+
+One server per module (TOVA budget 32 tokens, block size 32, chunked prefill at 64
+tokens).  Its greedy outputs must equal an in-process offline engine with the same
+settings, and differ from a vanilla offline engine where eviction changed the context,
+which shows the plugin is active in the served engine.  Every request here has
+prompt + output longer than the budget, so it evicts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from engine_harness import make_llm, shutdown
+from server_harness import VllmServer
+
+CACHE_SIZE = 32
+TOVA = {"cache_size": CACHE_SIZE}
+MAX_TOKENS = 24
+BLOCK_SIZE = 32
+MAX_BATCHED = 64
+MAX_MODEL_LEN = 1024
+# The server's max_num_seqs: vLLM's CPU default for the OpenAI server (128), capped at
+# max_num_batched_tokens.  The offline engine copies it.
+SERVER_MAX_NUM_SEQS = min(128, MAX_BATCHED)
+MODEL_NAME = "tiny"
+ARCH = "llama_gqa"
+
+# Token-id prompts (exact on both sides).  Ids 3..96 are the printable ASCII bytes of the
+# tiny byte-level tokenizer, so the prompts also decode to clean text.
+_rng = random.Random(0)
+PROMPTS = [[_rng.randrange(3, 97) for _ in range(n)] for n in (10, 120)]
+LONG = 1  # index of the prompt that is far beyond the budget
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a tiny test model."},
+    {"role": "user", "content": "Hello! Can you tell me what TOVA does to a KV cache?"},
+    {"role": "assistant", "content": "It keeps the tokens that get the most attention."},
+    {"role": "user", "content": "And what happens to the others?"},
+]
+
+GREEDY = dict(max_tokens=MAX_TOKENS, temperature=0)
+EXTRA = {"ignore_eos": True, "return_token_ids": True}
+
+SERVER_ARGS = [
+    "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+    "--block-size", str(BLOCK_SIZE), "--max-num-batched-tokens", str(MAX_BATCHED),
+    "--enforce-eager", "--seed", "0", "--served-model-name", MODEL_NAME,
+    "--additional-config", json.dumps({"tova": TOVA}),
+]
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_models, tmp_path_factory):
+    """The CLI server, started but not yet awaited (offline work overlaps its start-up)."""
+    log_path = tmp_path_factory.mktemp("vllm_serve") / "server.log"
+    server = VllmServer.start(
+        tiny_models[ARCH], SERVER_ARGS, log_path,
+        env_updates={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    server_process.wait_healthy(timeout=240)
+    return server_process
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
+                         timeout=300)
+
+
+def _offline_outputs(llm):
+    from vllm import SamplingParams
+
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    completions = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                               use_tqdm=False)
+    (chat,) = llm.chat(CONVERSATION, params, use_tqdm=False)
+    return {
+        "completions": [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in completions],
+        "chat": (list(chat.prompt_token_ids), list(chat.outputs[0].token_ids),
+                 chat.outputs[0].text),
+    }
+
+
+@pytest.fixture(scope="module")
+def offline(server_process, tiny_models):
+    """Greedy outputs of in-process offline engines: TOVA (same settings) and vanilla."""
+    results = {}
+    for name, tova in (("tova", TOVA), ("vanilla", None)):
+        llm = make_llm(tiny_models[ARCH], tova, block_size=BLOCK_SIZE,
+                       max_num_batched_tokens=MAX_BATCHED, max_model_len=MAX_MODEL_LEN,
+                       max_num_seqs=SERVER_MAX_NUM_SEQS)
+        try:
+            results[name] = _offline_outputs(llm)
+        finally:
+            shutdown(llm)
+    return results
+
+
+def _with_log(server, message: str) -> str:
+    return f"{message}\n--- server log tail ({server.log_path}) ---\n{server.tail(40)}"
+
+
+def test_completions_equal_offline_engine(client, server, offline):
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS, **GREEDY,
+                                     extra_body=EXTRA)
+    choices = sorted(resp.choices, key=lambda c: c.index)
+    assert len(choices) == len(PROMPTS)
+    for prompt, choice, (tokens, text) in zip(PROMPTS, choices, offline["tova"]["completions"]):
+        assert len(prompt) + MAX_TOKENS > CACHE_SIZE  # every request evicts
+        assert choice.finish_reason == "length"
+        assert choice.token_ids == tokens, _with_log(server, f"prompt of {len(prompt)}")
+        assert choice.text == text
+        assert choice.prompt_token_ids == prompt
+    assert resp.usage.prompt_tokens == sum(map(len, PROMPTS))
+    assert resp.usage.completion_tokens == MAX_TOKENS * len(PROMPTS)
+
+
+def test_served_engine_is_not_vanilla(client, offline):
+    """Eviction changes the greedy output of the long prompt: the server must follow TOVA."""
+    tova_tokens = offline["tova"]["completions"][LONG][0]
+    vanilla_tokens = offline["vanilla"]["completions"][LONG][0]
+    assert tova_tokens != vanilla_tokens, "budget too large to tell TOVA from vanilla"
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
+                                     extra_body=EXTRA)
+    assert resp.choices[0].token_ids == tova_tokens
+
+
+def test_chat_completion_equals_offline_chat(client, server, offline):
+    prompt_ids, tokens, text = offline["tova"]["chat"]
+    assert len(prompt_ids) > CACHE_SIZE
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATION, **GREEDY,
+                                          extra_body=EXTRA)
+    (choice,) = resp.choices
+    assert resp.prompt_token_ids == prompt_ids  # the same chat template on both sides
+    assert choice.token_ids == tokens, _with_log(server, "chat")
+    assert choice.message.content == text
+    assert choice.finish_reason == "length"
+    assert tokens != offline["vanilla"]["chat"][1]  # eviction mattered here too
+
+
+def test_streamed_text_equals_non_streamed(client, offline):
+    prompt = PROMPTS[LONG]
+    whole = client.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY,
+                                      extra_body=EXTRA)
+    stream = client.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY,
+                                       extra_body=EXTRA, stream=True)
+    texts, tokens, finish = [], [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts.append(choice.text)
+            tokens.extend(getattr(choice, "token_ids", None) or [])
+            finish = choice.finish_reason or finish
+    assert len(texts) > 1, "the response was not streamed"
+    assert "".join(texts) == whole.choices[0].text
+    assert tokens == whole.choices[0].token_ids == offline["tova"]["completions"][LONG][0]
+    assert finish == "length"
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt=PROMPTS[0], max_tokens=-1),
+    dict(prompt=[5] * (MAX_MODEL_LEN + 8), max_tokens=4),  # longer than max_model_len
+])
+def test_bad_request_is_4xx_and_server_keeps_serving(client, server, offline, bad):
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.completions.create(model=MODEL_NAME, temperature=0, **bad)
+    assert 400 <= excinfo.value.status_code < 500, excinfo.value
+    assert server.health_status() == 200
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
+                                     extra_body=EXTRA)
+    assert resp.choices[0].token_ids == offline["tova"]["completions"][LONG][0]
+
+
+def test_server_log_shows_tova_settings(server):
+    log = server.log()
+    assert "'additional_config': {'tova': {'cache_size': 32}}" in log
+    assert "Traceback" not in log, server.tail(80)
+
+
+def test_server_log_announces_tova(server):
+    assert "tova-vllm: TOVA enabled, cache_size=32" in server.log()
