@@ -43,6 +43,7 @@ CONVERSATION = [
 ]
 
 GREEDY = dict(max_tokens=MAX_TOKENS, temperature=0)
+SMALL_BUDGET = 8  # a per-request budget below the server's
 EXTRA = {"ignore_eos": True, "return_token_ids": True}
 
 SERVER_ARGS = [
@@ -88,7 +89,12 @@ def _offline_outputs(llm):
     completions = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
                                use_tqdm=False)
     (chat,) = llm.chat(CONVERSATION, params, use_tqdm=False)
+    (small_budget,) = llm.generate(
+        [{"prompt_token_ids": PROMPTS[LONG]}],
+        SamplingParams(**GREEDY, ignore_eos=True, extra_args={"tova_cache_size": SMALL_BUDGET}),
+        use_tqdm=False)
     return {
+        "small_budget": list(small_budget.outputs[0].token_ids),
         "completions": [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in completions],
         "chat": (list(chat.prompt_token_ids), list(chat.outputs[0].token_ids),
                  chat.outputs[0].text),
@@ -170,7 +176,19 @@ def test_streamed_text_equals_non_streamed(client, offline):
     assert finish == "length"
 
 
+def test_per_request_budget_over_http(client, offline):
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
+        extra_body={**EXTRA, "vllm_xargs": {"tova_cache_size": SMALL_BUDGET}})
+    assert resp.choices[0].token_ids == offline["tova"]["small_budget"]
+    assert resp.choices[0].token_ids != offline["tova"]["completions"][LONG][0]
+
+
 @pytest.mark.parametrize("bad", [
+    dict(prompt=PROMPTS[0], max_tokens=4, extra_body={"vllm_xargs": {"tova_cache_size": 0}}),
+    dict(prompt=PROMPTS[0], max_tokens=4,
+         extra_body={"vllm_xargs": {"tova_cache_size": CACHE_SIZE + 1}}),
+    dict(prompt=PROMPTS[0], max_tokens=4, extra_body={"vllm_xargs": {"tova_cache_size": 2.5}}),
     dict(prompt=PROMPTS[0], max_tokens=-1),
     dict(prompt=[5] * (MAX_MODEL_LEN + 8), max_tokens=4),  # longer than max_model_len
 ])
@@ -180,6 +198,9 @@ def test_bad_request_is_4xx_and_server_keeps_serving(client, server, offline, ba
     with pytest.raises(openai.APIStatusError) as excinfo:
         client.completions.create(model=MODEL_NAME, temperature=0, **bad)
     assert 400 <= excinfo.value.status_code < 500, excinfo.value
+    if "vllm_xargs" in bad.get("extra_body", {}):
+        assert excinfo.value.status_code == 400
+        assert "tova_cache_size" in str(excinfo.value)
     assert server.health_status() == 200
     resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
                                      extra_body=EXTRA)
