@@ -215,3 +215,56 @@ def test_server_log_shows_tova_settings(server):
 
 def test_server_log_announces_tova(server):
     assert "tova-vllm: TOVA enabled, cache_size=32" in server.log()
+
+
+def _tova_metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("tova_") and "{" in line:
+            name = line.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def _settled(server, key, previous=None, timeout=20.0):
+    import time
+
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        value = _tova_metrics(server).get(key)
+        if value is not None and value != previous:
+            time.sleep(1.0)  # let the last step's stats arrive
+            return _tova_metrics(server)[key]
+        time.sleep(0.2)
+    return value
+
+
+def test_metrics_count_evictions_and_saved_blocks(client, server):
+    """A 120-token prompt with 24 generated tokens under C = 32: the prompt end drops
+    120 - 32 tokens, then each of the 23 fed-back generated tokens drops one, so exactly
+    120 + 23 - 32 = 111 tokens are evicted (per layer)."""
+    before = _tova_metrics(server).get("tova_evicted_tokens_total", 0.0)
+    client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY, extra_body=EXTRA)
+    after = _settled(server, "tova_evicted_tokens_total", before)
+    assert after - before == len(PROMPTS[LONG]) + MAX_TOKENS - 1 - CACHE_SIZE
+
+    # Mid-stream, a long request holds ceil(33 / 32) = 2 blocks instead of ceil(n / 32).
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], max_tokens=400,
+                                       temperature=0, extra_body=EXTRA, stream=True)
+    seen = []
+    for i, _chunk in enumerate(stream):
+        if i == 150:
+            import time
+
+            time.sleep(0.5)  # block counts refresh every 0.2 s
+            seen.append(_tova_metrics(server))
+        if i > 150:
+            break
+    stream.close()
+    during = seen[0]
+    assert during["tova_kv_blocks_held"] == 2
+    assert during["tova_kv_blocks_saved"] >= -(-(len(PROMPTS[LONG]) + 150) // BLOCK_SIZE) - 2

@@ -41,4 +41,5 @@ def register() -> None:
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(TovaSpec, TovaManager, uniform_type_base_spec=FullAttentionSpec)
     _patches.apply_patch("scheduler_shares_requests")
+    _patches.apply_patch("scheduler_reports_evictions")
     _registered = True

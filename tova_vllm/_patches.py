@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,11 +58,15 @@ class RuntimePatch:
 
 
 def _wrap(owner: type, attr: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    """Wrap ``owner.attr`` once per calling patch (several patches may wrap one method)."""
+    patch = sys._getframe(1).f_code.co_name  # the _apply_* function: one name per patch
     original = getattr(owner, attr)
-    if getattr(original, "__tova_original__", None) is not None:
+    applied = getattr(original, "__tova_patches__", ())
+    if patch in applied:
         return  # already applied in this process
     wrapper = functools.wraps(original)(make_wrapper(original))
     wrapper.__tova_original__ = original
+    wrapper.__tova_patches__ = (*applied, patch)
     setattr(owner, attr, wrapper)
 
 
@@ -93,6 +99,55 @@ def _apply_scheduler_shares_requests() -> None:
         return __init__
 
     _wrap(Scheduler, "__init__", make)
+
+
+def _apply_scheduler_reports_evictions() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from .engine.spec import TovaManager
+    from .engine.stats_channel import StatsWriter, channel_path
+
+    def make(original):
+        def schedule(self, *args, **kwargs):
+            output = original(self, *args, **kwargs)
+            writer = getattr(self, "_tova_stats", None)
+            if writer is None:
+                return output
+            manager = writer.manager
+            for req_id, num_new in output.num_scheduled_tokens.items():
+                request = self.requests[req_id]
+                schedule = manager.schedule_of(request)
+                start = request.num_computed_tokens - num_new  # already advanced
+                for seg_start, seg_end, evicts in schedule.segments(start, num_new):
+                    if evicts:
+                        live = schedule.live_after(seg_start) + seg_end - seg_start
+                        writer.evicted_tokens += live - schedule.cache_size
+            if writer.blocks_due():
+                held = saved = 0
+                for request in self.running:
+                    blocks = manager.req_to_blocks.get(request.request_id, ())
+                    real = sum(1 for b in blocks if b is not manager._null_block)
+                    held += real
+                    saved += max(0, -(-request.num_computed_tokens // manager.block_size) - real)
+                writer.set_blocks(held, saved)
+            writer.publish()
+            return output
+        return schedule
+
+    def make_init(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
+                        if isinstance(m, TovaManager)]
+            if managers and self.log_stats:
+                dp_rank = self.vllm_config.parallel_config.data_parallel_rank
+                self._tova_stats = StatsWriter(channel_path(self.vllm_config.instance_id, dp_rank))
+                self._tova_stats.manager = managers[0]
+                weakref.finalize(self, self._tova_stats.close)
+        return __init__
+
+    _wrap(Scheduler, "schedule", make)
+    _wrap(Scheduler, "__init__", make_init)
 
 
 def _apply_runner_publishes_batch() -> None:
@@ -162,6 +217,17 @@ PATCHES: dict[str, RuntimePatch] = {
             removal="Upstream passing the Request (or its prompt length) to "
             "get_num_blocks_to_allocate/allocate_new_blocks.",
             apply=_apply_scheduler_shares_requests,
+        ),
+        RuntimePatch(
+            name="scheduler_reports_evictions",
+            why="/metrics lives in the API server process; vLLM's SchedulerStats has no "
+            "field a plugin can fill, so the scheduler publishes TOVA's counters through a "
+            "shared-memory file that the tova stat-logger plugin reads.",
+            touches="vllm.v1.core.sched.scheduler.Scheduler.schedule and __init__ (wrapped: "
+            "counts evictions of the scheduled tokens, refreshes block counts every 0.2 s)",
+            removal="Upstream a plugin-extensible dict on SchedulerStats (e.g. "
+            "`plugin_stats: dict[str, float]`) and report there.",
+            apply=_apply_scheduler_reports_evictions,
         ),
         RuntimePatch(
             name="runner_publishes_batch",

@@ -72,10 +72,12 @@ class TovaManager(FullAttentionManager):
         self._positions_to_allocate: dict[str, int] = {}
 
     def _schedule(self, request_id: str) -> EvictionSchedule:
-        spec: TovaSpec = self.kv_cache_spec
         if self.requests is None:
             raise RuntimeError("tova-vllm: the scheduler did not share its request table")
-        request = self.requests[request_id]
+        return self.schedule_of(self.requests[request_id])
+
+    def schedule_of(self, request) -> EvictionSchedule:
+        spec: TovaSpec = self.kv_cache_spec
         # Validated when the request entered the engine (input_processor_validates_budget).
         budget = request_cache_size(
             getattr(request.sampling_params, "extra_args", None), spec.tova_cache_size
