@@ -147,8 +147,6 @@ def _error_text(exc: BaseException) -> str:
 
 
 async def run_one(session, base_url: str, model: str, job: Job) -> Result:
-    import aiohttp
-
     body = {
         "model": model,
         "prompt": job.prompt,
@@ -195,7 +193,7 @@ async def run_one(session, base_url: str, model: str, job: Job) -> Result:
                     return Result("disconnected", ttft=ttft, output_tokens=chunks)
     except asyncio.CancelledError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001  (HTTP, timeout, bad JSON: each one is reported)
         return Result("error", ttft=ttft, error=_error_text(exc))
     latency = time.monotonic() - start
     if job.disconnect_after is not None:
@@ -257,6 +255,9 @@ async def run_load(base_url: str, model: str, jobs: list[Job], concurrency: int,
                 in_flight[job.index] = job
                 try:
                     report.results[job.index] = await run_one(session, base_url, model, job)
+                except asyncio.CancelledError:
+                    report.results[job.index] = Result("cancelled")  # by the deadline
+                    raise
                 finally:
                     in_flight.pop(job.index, None)
 
@@ -284,8 +285,6 @@ async def run_load(base_url: str, model: str, jobs: list[Job], concurrency: int,
                 ticker.cancel()
             await asyncio.gather(*workers, *([ticker] if ticker else []),
                                  return_exceptions=True)
-            for index in list(in_flight):
-                report.results.setdefault(index, Result("cancelled"))
     report.wall = time.monotonic() - start
     return report
 
@@ -615,7 +614,10 @@ def _raise_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the server on SIGTERM as on Ctrl-C
+    # Stop the server on SIGTERM as on Ctrl-C, and take Ctrl-C even where the shell that
+    # started us in the background set SIGINT to "ignore".
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if args.url is not None:
         try:

@@ -260,7 +260,7 @@ def test_metrics_count_evictions_and_saved_blocks(client, server):
         if i == 150:
             import time
 
-            time.sleep(0.5)  # block counts refresh every 0.2 s
+            time.sleep(0.3)  # let the stats of a later step arrive
             seen.append(_tova_metrics(server))
         if i > 150:
             break
@@ -268,3 +268,16 @@ def test_metrics_count_evictions_and_saved_blocks(client, server):
     during = seen[0]
     assert during["tova_kv_blocks_held"] == 2
     assert during["tova_kv_blocks_saved"] >= -(-(len(PROMPTS[LONG]) + 150) // BLOCK_SIZE) - 2
+    assert _settled_value(server, "tova_kv_blocks_held", 0) == 0  # all freed once idle
+
+
+def _settled_value(server, key, want, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = _tova_metrics(server).get(key)
+        if value == want:
+            return value
+        time.sleep(0.2)
+    return value

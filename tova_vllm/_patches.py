@@ -122,17 +122,23 @@ def _apply_scheduler_reports_evictions() -> None:
                     if evicts:
                         live = schedule.live_after(seg_start) + seg_end - seg_start
                         writer.evicted_tokens += live - schedule.cache_size
-            if writer.blocks_due():
-                held = saved = 0
-                for request in self.running:
-                    blocks = manager.req_to_blocks.get(request.request_id, ())
-                    real = sum(1 for b in blocks if b is not manager._null_block)
-                    held += real
-                    saved += max(0, -(-request.num_computed_tokens // manager.block_size) - real)
-                writer.set_blocks(held, saved)
             writer.publish()
             return output
         return schedule
+
+    def make_stats(original):
+        def make_stats_(self, *args, **kwargs):
+            writer = getattr(self, "_tova_stats", None)
+            if writer is not None:
+                # After this step's frees; O(1) for held, O(running) for the full-cache need.
+                pool = self.kv_cache_manager.block_pool
+                held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+                block_size = writer.manager.block_size
+                full = sum(-(-r.num_computed_tokens // block_size) for r in self.running)
+                writer.set_blocks(held, max(0, full - held))
+                writer.publish()
+            return original(self, *args, **kwargs)
+        return make_stats_
 
     def make_init(original):
         def __init__(self, *args, **kwargs):
@@ -147,6 +153,7 @@ def _apply_scheduler_reports_evictions() -> None:
         return __init__
 
     _wrap(Scheduler, "schedule", make)
+    _wrap(Scheduler, "make_stats", make_stats)
     _wrap(Scheduler, "__init__", make_init)
 
 
@@ -224,7 +231,8 @@ PATCHES: dict[str, RuntimePatch] = {
             "field a plugin can fill, so the scheduler publishes TOVA's counters through a "
             "shared-memory file that the tova stat-logger plugin reads.",
             touches="vllm.v1.core.sched.scheduler.Scheduler.schedule and __init__ (wrapped: "
-            "counts evictions of the scheduled tokens, refreshes block counts every 0.2 s)",
+            "counts evictions of the scheduled tokens), make_stats (block counts after each "
+            "step's frees) and __init__ (opens the channel)",
             removal="Upstream a plugin-extensible dict on SchedulerStats (e.g. "
             "`plugin_stats: dict[str, float]`) and report there.",
             apply=_apply_scheduler_reports_evictions,

@@ -14,7 +14,6 @@ import mmap
 import os
 import struct
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +27,9 @@ def channel_path(instance_id: str, engine_index: int) -> Path:
 
 
 class StatsWriter:
-    """Engine-core side. ``publish`` is cheap; block counts are refreshed at most every
-    ``min_interval_s`` because they need a walk over the running requests' block lists."""
+    """Engine-core side: cumulative evictions and the current block counts."""
 
-    def __init__(self, path: Path, min_interval_s: float = 0.2) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -40,15 +38,9 @@ class StatsWriter:
         finally:
             os.close(fd)
         self.evicted_tokens = 0
-        self.min_interval_s = min_interval_s
-        self._blocks_at = 0.0
         self._blocks = (0, 0)
 
-    def blocks_due(self) -> bool:
-        return time.monotonic() - self._blocks_at >= self.min_interval_s
-
     def set_blocks(self, held: int, saved: int) -> None:
-        self._blocks_at = time.monotonic()
         self._blocks = (held, saved)
 
     def publish(self) -> None:
