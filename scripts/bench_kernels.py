@@ -6,8 +6,9 @@ On CUDA, in one run:
 * the Triton scoring kernel's achieved bandwidth (bytes of paged K it must read / time),
   one-pass (log-sum-exp handed in, as from the attention kernel) and two-pass (it computes
   the log-sum-exp itself), as a fraction of the copy bandwidth;
-* the decode step of eviction: score + argmin + the one compaction move per row, eager
-  and replayed from a CUDA graph, against attention alone for the same step
+* the decode step of eviction: score + argmin + the one compaction move per row (the
+  fused ``decode_evict``; the three-kernel path too), eager and replayed from a CUDA
+  graph, against attention alone for the same step
   (``scaled_dot_product_attention`` over the cache gathered to contiguous
   ``[rows, kv_heads, live, head_dim]``, gather not timed; also vLLM's / flash-attn's paged
   ``flash_attn_with_kvcache`` when one of them imports).
@@ -116,35 +117,55 @@ def bench_config(rows, live, q_heads, kv_heads, head_dim, block_size, dtype, ite
     result["max_rel_err"] = float(((got - want).abs() / want.abs().clamp_min(1e-30)).max())
     del want
 
+    # kernel times from CUDA-graph replays (eager launches of these small kernels are
+    # host-bound: Triton's Python launch path costs tens of microseconds each)
     scores = torch.empty((rows, live), device="cuda")
     tile_times = {}
     for tile in tiles:
-        tile_times[tile] = cuda_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, lse, out=scores, tile_n=tile), iters)
+        tile_times[tile] = graph_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, lse, out=scores, tile_n=tile), iters)
     best_tile = min(tile_times, key=tile_times.get)
-    default = cuda_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, lse, out=scores), iters)
-    two_pass = cuda_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, out=scores), iters)
+    default = graph_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, lse, out=scores), iters)
+    lse_buf = torch.empty_like(lse)
+    lse_time = graph_time(lambda: T.paged_lse(q, kc, bt, lv, scale, out=lse_buf), iters)
+    lse_one_split = graph_time(lambda: T.paged_lse(q, kc, bt, lv, scale, out=lse_buf, splits=1), iters)
+    two_pass = graph_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, out=scores), iters)
     result.update({
+        "default_tile": T._default_tile(rows, live, kc.device),
         "score_one_pass_s": default,
+        "score_one_pass_eager_s": cuda_time(lambda: T.paged_tova_scores(q, kc, bt, lv, scale, lse, out=scores), iters),
         "score_one_pass_GBps": k_bytes / default / 1e9,
         "score_tiles_s": {str(t): s for t, s in tile_times.items()},
         "best_tile": best_tile,
+        "lse_s": lse_time,
+        "lse_splits": T._lse_splits(rows, kv_heads, live, 32, kc.device)[0],
+        "lse_one_split_s": lse_one_split,
         "score_two_pass_s": two_pass,
         "score_two_pass_GBps": 2 * k_bytes / two_pass / 1e9,
-        "argmin_s": cuda_time(lambda: T.decode_drop_slot(scores, lv), iters),
+        "argmin_s": graph_time(lambda: T.decode_drop_slot(scores, lv), iters),
     })
     drop = T.decode_drop_slot(scores, lv)
     src, dst, row = T.decode_moves(drop, lv)
     k2, v2 = kc.clone(), vc.clone()
-    result["compact_s"] = cuda_time(lambda: T.compact_paged(k2, v2, bt, src, dst, row), iters)
+    result["compact_s"] = graph_time(lambda: T.compact_paged(k2, v2, bt, src, dst, row), iters)
 
-    def evict_step(lse_in):
+    result["decode_evict_s"] = graph_time(lambda: T.decode_evict(scores, lv, k2, v2, bt), iters)
+
+    def evict_step(lse_in):  # what a decode step runs after attention: two launches
+        s = T.paged_tova_scores(q, k2, bt, lv, scale, lse_in, out=scores)
+        T.decode_evict(s, lv, k2, v2, bt)
+
+    def evict_step_unfused(lse_in):
         s = T.paged_tova_scores(q, k2, bt, lv, scale, lse_in, out=scores)
         d = T.decode_drop_slot(s, lv)
         T.compact_paged(k2, v2, bt, *T.decode_moves(d, lv))
 
     result["evict_step_s"] = cuda_time(lambda: evict_step(lse), iters)
     result["evict_step_graph_s"] = graph_time(lambda: evict_step(lse), iters)
+    result["evict_step_unfused_graph_s"] = graph_time(lambda: evict_step_unfused(lse), iters)
     result["evict_step_two_pass_graph_s"] = graph_time(lambda: evict_step(None), iters)
+    result["lse_tiles_s"] = {
+        str(t): graph_time(lambda: T.paged_lse(q, kc, bt, lv, scale, out=lse_buf, tile_n=t), iters) for t in (32, 64)
+    }
 
     # attention alone, same step: SDPA over the gathered cache (gather not timed)
     keys = torch_ref.gather_keys(kc, bt, lv, live).contiguous()
@@ -177,14 +198,14 @@ def bench_config(rows, live, q_heads, kv_heads, head_dim, block_size, dtype, ite
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--configs", default="1x4096,16x4096,64x2048,128x1024",
+    parser.add_argument("--configs", default="1x4096,4x2048,16x4096,64x2048,128x1024",
                         help="comma-separated ROWSxLIVE (live = C + 1 in a decode step)")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--tiles", default="32,64,128", help="tile sizes to sweep for the one-pass kernel")
+    parser.add_argument("--tiles", default="16,32,64,128", help="tile sizes to sweep for the one-pass kernel")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -202,7 +223,7 @@ def main() -> int:
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.0f} GB/s")
     results = []
     header = (f"{'rows':>5} {'live':>5} | {'score 1p':>9} {'GB/s':>6} {'%copy':>6} {'tile':>4} | {'2-pass':>9} {'GB/s':>6} |"
-              f" {'argmin':>8} {'compact':>8} | {'evict':>9} {'ev graph':>9} {'ev 2p gr':>9} |"
+              f" {'argmin':>8} {'compact':>8} | {'ev eager':>9} {'ev graph':>9} {'ev 2p gr':>9} |"
               f" {'sdpa':>9} {'sdpa gr':>9} {'ev/attn':>7} | {'relerr':>7}")
     print(f"dtype {args.dtype}, q_heads {args.q_heads}, kv_heads {args.kv_heads}, head_dim {args.head_dim}, "
           f"block_size {args.block_size}; times in microseconds")
@@ -216,7 +237,7 @@ def main() -> int:
         results.append(r)
         us = lambda s: f"{s * 1e6:9.1f}"  # noqa: E731
         print(f"{rows:>5} {live:>5} | {us(r['score_one_pass_s'])} {r['score_one_pass_GBps']:6.0f}"
-              f" {100 * r['score_one_pass_GBps'] * 1e9 / copy_bw:5.1f}% {r['best_tile']:>4} |"
+              f" {100 * r['score_one_pass_GBps'] * 1e9 / copy_bw:5.1f}% {r['default_tile']:>4} |"
               f" {us(r['score_two_pass_s'])} {r['score_two_pass_GBps']:6.0f} |"
               f" {r['argmin_s'] * 1e6:8.1f} {r['compact_s'] * 1e6:8.1f} |"
               f" {us(r['evict_step_s'])} {us(r['evict_step_graph_s'])} {us(r['evict_step_two_pass_graph_s'])} |"
@@ -225,10 +246,17 @@ def main() -> int:
         if "flash_paged" in r:
             extra = f"{r['flash_paged_s'] * 1e6:.1f} us" if "flash_paged_s" in r else ""
             print(f"      paged flash attention ({r['flash_paged']}): {extra}")
-        print(f"      one-pass tile sweep (us): " + ", ".join(f"{t}: {s * 1e6:.1f}" for t, s in r["score_tiles_s"].items()))
-    print("score 1p: one pass over K with the attention kernel's log-sum-exp; 2-pass: computes it too "
-          "(GB/s counts both reads).  evict = score + argmin + compaction; 'gr' = CUDA-graph replay.  "
-          "ev/attn = evict (graph, one-pass) / SDPA (graph) for the same step, gather excluded.")
+        print("      one-pass tile sweep (us): " + ", ".join(f"{t}: {s * 1e6:.1f}" for t, s in r["score_tiles_s"].items())
+              + f"; eager one-pass {r['score_one_pass_eager_s'] * 1e6:.1f}; lse pass {r['lse_s'] * 1e6:.1f}"
+              f" ({r['lse_splits']} splits), {r['lse_one_split_s'] * 1e6:.1f} unsplit, by tile "
+              + ", ".join(f"{t}: {s * 1e6:.1f}" for t, s in r["lse_tiles_s"].items())
+              + f"; fused argmin+move {r['decode_evict_s'] * 1e6:.1f}; ev graph unfused"
+              f" {r['evict_step_unfused_graph_s'] * 1e6:.1f}")
+    print("Kernel columns are CUDA-graph replays.  score 1p: one pass over K with the attention kernel's "
+          "log-sum-exp (default tile); 2-pass: computes it too (GB/s counts both reads).  "
+          "ev = score + fused argmin/move (decode_evict) (eager, graph, graph two-pass).  "
+          "ev/attn = ev graph (one-pass) / SDPA graph for the same step, gather excluded.  "
+          "Small configs fit in L2 (repeated runs reuse it).")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "copy_GBps": copy_bw / 1e9, "results": results}, indent=2))
     return 0

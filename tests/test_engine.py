@@ -110,16 +110,18 @@ def test_compiled_engine_equals_reference(tiny_models, hf_models):
     assert got == _reference(hf_models["llama_mha"], requests, 32)
 
 
+@pytest.fixture(scope="module")
+def memory_engine(tiny_models):
+    llm = make_llm(tiny_models["llama_gqa"], {"cache_size": TestMemory.CACHE})
+    yield llm
+    shutdown(llm)
+
+
 class TestMemory:
     CACHE = 64
 
-    @pytest.fixture(scope="class")
-    def llm(self, tiny_models):
-        llm = make_llm(tiny_models["llama_gqa"], {"cache_size": self.CACHE})
-        yield llm
-        shutdown(llm)
-
-    def test_decoding_requests_hold_exactly_the_bound(self, llm):
+    def test_decoding_requests_hold_exactly_the_bound(self, memory_engine):
+        llm = memory_engine
         bound = cdiv(self.CACHE + 1, BLOCK)
         requests = _workload(lengths=(10, 100, 300, 64), arrivals=(0, 0, 2, 4), max_tokens=80)
         seen_decoding = set()
@@ -143,7 +145,8 @@ class TestMemory:
         pool = scheduler_of(llm).kv_cache_manager.block_pool
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but the null block
 
-    def test_pool_is_free_after_aborts(self, llm):
+    def test_pool_is_free_after_aborts(self, memory_engine):
+        llm = memory_engine
         requests = _workload(lengths=(100, 300, 20), arrivals=(0, 0, 0), max_tokens=200)
         result = run(llm, requests, abort_at={0: 3, 1: 12, 2: 30})
         assert all(len(tokens) < 200 for tokens in result.tokens.values())

@@ -410,29 +410,44 @@ def test_compaction_matches_oracle_exactly(dtype, block_size, head_dim, combined
 
 
 @needs_kernels
-def test_decode_step_end_to_end():
-    """score -> drop -> move slot C into the hole, Triton vs torch, same caches after."""
+@pytest.mark.parametrize("fused", [False, True], ids=["three-calls", "decode_evict"])
+def test_decode_step_end_to_end(fused):
+    """score -> drop -> move the last position into the hole, Triton vs torch, same caches.
+
+    ``fused``: the argmin and the move through ``decode_evict`` (one kernel on Triton).
+    """
     cache_size, block_size = 24, 16
-    live = [cache_size + 1] * 3 + [7]  # the last row does not evict this step
+    live = [cache_size + 1, cache_size + 1, 9, cache_size + 1, 7]
     dtype = torch.float16
     kc, vc, bt = make_paged(live, block_size, 2, 64, dtype, max_blocks=2, seed=21)
-    q = make_query(4, 8, 64, dtype, seed=22)
+    q = make_query(len(live), 8, 64, dtype, seed=22)
     lv = live_tensor(live)
-    evict = lv > cache_size
+    evict = lv > cache_size  # rows 2 and 4 do not evict this step
+    scores = ref.paged_tova_scores(q, kc, bt, lv, 0.125, max_live=cache_size + 1)
+    scores[1, 3] = scores[1, 24]  # an exact tie with the last position: dropping it is a no-op move
+    scores[1, 3:24] = torch.maximum(scores[1, 3:24], scores[1, 24])
     results = []
     for be in (select_backend(backend="torch"), T):
         k, v = kc.clone(), vc.clone()
-        scores = be.paged_tova_scores(q, k, bt, lv, 0.125, max_live=cache_size + 1)
-        drop = be.decode_drop_slot(scores, lv)
-        src, dst, row = be.decode_moves(drop, lv, evict)
-        be.compact_paged(k, v, bt, src, dst, row)
-        results.append((scores, drop, row, k, v))
-    (s0, d0, r0, k0, v0), (s1, d1, r1, k1, v1) = results
-    assert r0[3] == -1 and r1[3] == -1
-    if torch.equal(d0, d1):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
-    else:
-        check_drop(d1, s0, live, RTOL[dtype])
+        if fused:
+            drop = be.decode_evict(scores, lv, k, v, bt, evict)
+        else:
+            drop = be.decode_drop_slot(scores, lv)
+            be.compact_paged(k, v, bt, *be.decode_moves(drop, lv, evict))
+        results.append((drop, k, v))
+    (d0, k0, v0), (d1, k1, v1) = results
+    assert torch.equal(d0, d1)
+    assert int(d0[1]) == 24  # tie -> the highest slot, which is the new token itself
+    if fused:
+        assert d0[2] == -1 and d0[4] == -1
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    # and the caches changed exactly at the evicting rows' dropped slots
+    changed = (k0 != kc).flatten(1).any(1).nonzero().flatten().tolist()
+    expect = sorted(int(bt[r, int(d0[r]) // block_size]) for r in (0, 3) if int(d0[r]) != live[r] - 1)
+    assert sorted({blk for blk in changed}) == sorted(set(expect))
+    # the Triton kernels on their own scores: any difference from the oracle is a near-tie
+    own = T.paged_tova_scores(q, kc, bt, lv, 0.125, max_live=cache_size + 1)
+    check_drop(T.decode_evict(own, lv, kc.clone(), vc.clone(), bt), ref.paged_tova_scores(q, kc, bt, lv, 0.125, max_live=cache_size + 1), live, RTOL[dtype])
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -440,7 +455,7 @@ def test_decode_step_end_to_end():
 
 @needs_cuda
 def test_decode_path_captures_in_a_cuda_graph():
-    """No host synchronisation: lse + score + argmin + compaction replay inside a CUDA graph."""
+    """No host synchronisation: lse + score + fused argmin/move replay inside a CUDA graph."""
     live = [257, 257, 200, 257, 1, 257, 130, 257]
     kc, vc, bt = make_paged(live, 16, 8, 128, torch.bfloat16, max_blocks=17, seed=31)
     q = make_query(8, 32, 128, torch.bfloat16, seed=32)
@@ -452,9 +467,7 @@ def test_decode_path_captures_in_a_cuda_graph():
     def step():
         T.paged_lse(q, k, bt, lv, 0.09, out=lse, splits=2)  # split pass + torch.logsumexp
         T.paged_tova_scores(q, k, bt, lv, 0.09, lse, out=scores)
-        drop = T.decode_drop_slot(scores, lv)
-        T.compact_paged(k, v, bt, *T.decode_moves(drop, lv))
-        return drop
+        return T.decode_evict(scores, lv, k, v, bt)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

@@ -17,7 +17,13 @@ API of a :class:`KernelBackend` (see :mod:`.torch_ref` for the full contract):
 * ``keep_slots(scores, live, keep) -> [rows, keep] int64`` (top-C for prompt evictions;
   a torch sort in both backends);
 * ``compact_paged(key_cache, value_cache, block_table, src_pos, dst_pos, row)`` (in place);
-* ``decode_moves(drop, live, evict=None) -> (src_pos, dst_pos, row)`` for the decode move.
+* ``decode_moves(drop, live, evict=None) -> (src_pos, dst_pos, row)`` for the decode move;
+* ``decode_evict(scores, live, key_cache, value_cache, block_table, evict=None) -> [rows]
+  int64``: argmin + the decode move (last live position into the dropped slot) in one
+  call (one fused kernel on Triton); -1 for rows that do not evict.
+
+A decode step on CUDA is then ``paged_tova_scores`` (with the attention kernel's ``lse``)
+followed by ``decode_evict``: two launches, no host synchronisation, capturable.
 """
 
 from __future__ import annotations
@@ -38,20 +44,21 @@ class KernelBackend:
     keep_slots: Callable[..., torch.Tensor]
     compact_paged: Callable[..., None]
     decode_moves: Callable[..., tuple]
+    decode_evict: Callable[..., torch.Tensor]
 
 
 def _torch_backend() -> KernelBackend:
     from . import torch_ref as m
 
     return KernelBackend("torch", m.paged_tova_scores, m.decode_drop_slot, m.keep_slots,
-                         m.compact_paged, m.decode_moves)
+                         m.compact_paged, m.decode_moves, m.decode_evict)
 
 
 def _triton_backend() -> KernelBackend:
     from . import triton_scoring as m
 
     return KernelBackend("triton", m.paged_tova_scores, m.decode_drop_slot, m.keep_slots,
-                         m.compact_paged, m.decode_moves)
+                         m.compact_paged, m.decode_moves, m.decode_evict)
 
 
 def select_backend(

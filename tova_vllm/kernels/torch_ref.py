@@ -39,6 +39,7 @@ __all__ = [
     "keep_slots",
     "compact_paged",
     "decode_moves",
+    "decode_evict",
     "score_columns",
 ]
 
@@ -205,3 +206,28 @@ def decode_moves(
     rows = torch.arange(drop.shape[0], device=drop.device)
     row = torch.where(evict.to(drop.device) & (drop >= 0), rows, -1)
     return live.to(drop.device).long() - 1, drop, row
+
+
+def decode_evict(
+    scores: torch.Tensor,
+    live: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    evict: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The decode step after scoring: drop each evicting row's lowest slot and move the
+    last live position into it.  Returns the dropped slots ``[rows]`` int64, -1 for rows
+    that do not evict (``evict`` false, or ``live == 0``).  In place on the caches;
+    equals :func:`decode_drop_slot`, then :func:`decode_moves`, then :func:`compact_paged`.
+    """
+    drop = decode_drop_slot(scores, live)
+    if evict is not None:
+        drop = torch.where(evict.to(drop.device), drop, -1)
+    compact_paged(key_cache, value_cache, block_table, *decode_moves(drop, live))
+    if out is not None:
+        out.copy_(drop)
+        return out
+    return drop

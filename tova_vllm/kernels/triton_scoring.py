@@ -35,6 +35,10 @@ kernel: it is the rare path and uses ``torch.sort`` on the scores
 ``(row, src)`` to ``(row, dst)`` through the block table.  Entries with ``row < 0`` or
 ``src == dst`` are no-ops.
 
+``_tova_decode_evict_kernel``: grid ``(rows,)``; the decode step's argmin and its one
+move (last live position into the dropped slot) fused in one program per row, so a decode
+eviction is two launches (score, evict) after the attention kernel.
+
 Precision and dtypes: caches fp16 / bf16 / fp32; the query is cast to the cache dtype
 (vLLM hands them over in the same dtype).  fp16/bf16 dots run on the tensor cores with
 exact products and fp32 accumulation; fp32 caches use ``input_precision="ieee"`` (no
@@ -71,6 +75,7 @@ __all__ = [
     "keep_slots",
     "compact_paged",
     "decode_moves",
+    "decode_evict",
     "is_interpreted",
 ]
 
@@ -239,9 +244,8 @@ def _tova_lse_kernel(
 
 
 @triton.jit
-def _tova_argmin_kernel(s_ptr, live_ptr, out_ptr, n_cols, ss_r, BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    n = tl.minimum(tl.load(live_ptr + r), n_cols)
+def _row_argmin(s_ptr, r, n, ss_r, BLOCK: tl.constexpr):
+    """Lowest of ``scores[r, :n]``, ties -> the highest slot; -1 when ``n == 0``."""
     best_val = tl.full([], float("inf"), dtype=tl.float32)
     best_idx = tl.full([], -1, dtype=tl.int32)
     for start in range(0, n, BLOCK):
@@ -249,32 +253,57 @@ def _tova_argmin_kernel(s_ptr, live_ptr, out_ptr, n_cols, ss_r, BLOCK: tl.conste
         ok = offs < n
         v = tl.load(s_ptr + r * ss_r + offs, mask=ok, other=float("inf")).to(tl.float32)
         tile_min = tl.min(v, axis=0)
-        tile_idx = tl.max(tl.where(ok & (v == tile_min), offs, -1), axis=0)
+        tile_idx = tl.max(tl.where(ok & (v == tile_min), offs, -1), axis=0).to(tl.int32)
         # later tiles hold higher slots, so an equal minimum moves the choice up
         take = (tile_idx >= 0) & (tile_min <= best_val)
         best_idx = tl.where(take, tile_idx, best_idx)
         best_val = tl.where(take, tile_min, best_val)
+    return best_idx
+
+
+@triton.jit
+def _move_slot(
+    k_ptr, v_ptr, bt_ptr, row, src, dst,
+    sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sbt_r, sbt_b,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    HEAD_DIM_V_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Copy K and V (all kv heads) of cache position ``src`` of ``row`` to position ``dst``."""
+    sb = tl.load(bt_ptr + row * sbt_r + (src // BLOCK_SIZE) * sbt_b).to(tl.int64)
+    db = tl.load(bt_ptr + row * sbt_r + (dst // BLOCK_SIZE) * sbt_b).to(tl.int64)
+    so = src % BLOCK_SIZE
+    do = dst % BLOCK_SIZE
+    hh = tl.arange(0, HEADS_P)
+    hmask = hh < NUM_KV_HEADS
+    d = tl.arange(0, HEAD_DIM_P)
+    km = hmask[:, None] & (d < HEAD_DIM)[None, :]
+    kofs = hh[:, None] * sk_h + d[None, :] * sk_d
+    k = tl.load(k_ptr + sb * sk_b + so * sk_s + kofs, mask=km)
+    tl.store(k_ptr + db * sk_b + do * sk_s + kofs, k, mask=km)
+    dv = tl.arange(0, HEAD_DIM_V_P)
+    vm = hmask[:, None] & (dv < HEAD_DIM_V)[None, :]
+    vofs = hh[:, None] * sv_h + dv[None, :] * sv_d
+    v = tl.load(v_ptr + sb * sv_b + so * sv_s + vofs, mask=vm)
+    tl.store(v_ptr + db * sv_b + do * sv_s + vofs, v, mask=vm)
+
+
+@triton.jit
+def _tova_argmin_kernel(s_ptr, live_ptr, out_ptr, n_cols, ss_r, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.load(live_ptr + r), n_cols)
+    best_idx = _row_argmin(s_ptr, r, n, ss_r, BLOCK)
     tl.store(out_ptr + r, best_idx.to(tl.int64))
 
 
 @triton.jit
 def _tova_compact_kernel(
-    k_ptr,
-    v_ptr,
-    bt_ptr,
-    src_ptr,
-    dst_ptr,
-    row_ptr,
-    sk_b,
-    sk_s,
-    sk_h,
-    sk_d,
-    sv_b,
-    sv_s,
-    sv_h,
-    sv_d,
-    sbt_r,
-    sbt_b,
+    k_ptr, v_ptr, bt_ptr, src_ptr, dst_ptr, row_ptr,
+    sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sbt_r, sbt_b,
     NUM_KV_HEADS: tl.constexpr,
     HEADS_P: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -288,22 +317,43 @@ def _tova_compact_kernel(
     src = tl.load(src_ptr + i).to(tl.int64)
     dst = tl.load(dst_ptr + i).to(tl.int64)
     if (row >= 0) & (src != dst):
-        sb = tl.load(bt_ptr + row * sbt_r + (src // BLOCK_SIZE) * sbt_b).to(tl.int64)
-        db = tl.load(bt_ptr + row * sbt_r + (dst // BLOCK_SIZE) * sbt_b).to(tl.int64)
-        so = src % BLOCK_SIZE
-        do = dst % BLOCK_SIZE
-        hh = tl.arange(0, HEADS_P)
-        hmask = hh < NUM_KV_HEADS
-        d = tl.arange(0, HEAD_DIM_P)
-        km = hmask[:, None] & (d < HEAD_DIM)[None, :]
-        kofs = hh[:, None] * sk_h + d[None, :] * sk_d
-        k = tl.load(k_ptr + sb * sk_b + so * sk_s + kofs, mask=km)
-        tl.store(k_ptr + db * sk_b + do * sk_s + kofs, k, mask=km)
-        dv = tl.arange(0, HEAD_DIM_V_P)
-        vm = hmask[:, None] & (dv < HEAD_DIM_V)[None, :]
-        vofs = hh[:, None] * sv_h + dv[None, :] * sv_d
-        v = tl.load(v_ptr + sb * sv_b + so * sv_s + vofs, mask=vm)
-        tl.store(v_ptr + db * sv_b + do * sv_s + vofs, v, mask=vm)
+        _move_slot(
+            k_ptr, v_ptr, bt_ptr, row, src, dst,
+            sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sbt_r, sbt_b,
+            NUM_KV_HEADS, HEADS_P, HEAD_DIM, HEAD_DIM_P, HEAD_DIM_V, HEAD_DIM_V_P, BLOCK_SIZE,
+        )
+
+
+@triton.jit
+def _tova_decode_evict_kernel(
+    s_ptr, live_ptr, evict_ptr, drop_ptr, k_ptr, v_ptr, bt_ptr, n_cols, ss_r,
+    sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sbt_r, sbt_b,
+    HAS_EVICT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    HEAD_DIM_V_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Argmin and the decode move of one row in one program: the last live position
+    (``live - 1``) moves into the dropped slot."""
+    r = tl.program_id(0).to(tl.int64)
+    live = tl.load(live_ptr + r).to(tl.int64)
+    best_idx = _row_argmin(s_ptr, r, tl.minimum(live, n_cols), ss_r, BLOCK).to(tl.int64)
+    evicts = best_idx >= 0
+    if HAS_EVICT:
+        evicts = evicts & (tl.load(evict_ptr + r) != 0)
+    tl.store(drop_ptr + r, tl.where(evicts, best_idx, -1))
+    src = live - 1
+    if evicts & (best_idx != src):
+        _move_slot(
+            k_ptr, v_ptr, bt_ptr, r, src, best_idx,
+            sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sbt_r, sbt_b,
+            NUM_KV_HEADS, HEADS_P, HEAD_DIM, HEAD_DIM_P, HEAD_DIM_V, HEAD_DIM_V_P, BLOCK_SIZE,
+        )
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -490,6 +540,20 @@ def decode_drop_slot(
     return out
 
 
+def _cache_args(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor):
+    """Strides and constexprs shared by the kernels that move cache slots."""
+    if key_cache.shape[:3] != value_cache.shape[:3] or key_cache.dtype != value_cache.dtype:
+        raise ValueError("key_cache and value_cache must share blocks, block size, heads and dtype")
+    _, block_size, kv_heads, head_dim = key_cache.shape
+    head_dim_v = value_cache.shape[3]
+    strides = (*key_cache.stride(), *value_cache.stride(), block_table.stride(0), block_table.stride(1))
+    consts = dict(
+        NUM_KV_HEADS=kv_heads, HEADS_P=_pow2(kv_heads), HEAD_DIM=head_dim, HEAD_DIM_P=_pow2(head_dim),
+        HEAD_DIM_V=head_dim_v, HEAD_DIM_V_P=_pow2(head_dim_v), BLOCK_SIZE=block_size,
+    )
+    return strides, consts
+
+
 def compact_paged(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -504,19 +568,38 @@ def compact_paged(
         raise ValueError("src_pos, dst_pos and row must have one entry per move")
     if moves == 0:
         return
-    if key_cache.shape[:3] != value_cache.shape[:3] or key_cache.dtype != value_cache.dtype:
-        raise ValueError("key_cache and value_cache must share blocks, block size, heads and dtype")
-    _, block_size, kv_heads, head_dim = key_cache.shape
+    strides, consts = _cache_args(key_cache, value_cache, block_table)
     src_pos, dst_pos, row = (x.reshape(-1).contiguous() for x in (src_pos, dst_pos, row))
-    head_dim_v = value_cache.shape[3]
-    _tova_compact_kernel[(moves,)](
-        key_cache, value_cache, block_table, src_pos, dst_pos, row,
-        *key_cache.stride(), *value_cache.stride(),
-        block_table.stride(0), block_table.stride(1),
-        NUM_KV_HEADS=kv_heads, HEADS_P=_pow2(kv_heads), HEAD_DIM=head_dim,
-        HEAD_DIM_P=_pow2(head_dim), HEAD_DIM_V=head_dim_v, HEAD_DIM_V_P=_pow2(head_dim_v),
-        BLOCK_SIZE=block_size,
+    _tova_compact_kernel[(moves,)](key_cache, value_cache, block_table, src_pos, dst_pos, row, *strides, **consts)
+
+
+def decode_evict(
+    scores: torch.Tensor,
+    live: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    evict: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`.torch_ref.decode_evict`: argmin + decode move, one launch."""
+    rows, columns = scores.shape
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    if out is None:
+        out = torch.empty((rows,), dtype=torch.int64, device=scores.device)
+    if rows == 0:
+        return out
+    strides, consts = _cache_args(key_cache, value_cache, block_table)
+    if evict is not None and evict.dtype == torch.bool:
+        evict = evict.view(torch.uint8)
+    _tova_decode_evict_kernel[(rows,)](
+        scores, live, evict if evict is not None else live, out, key_cache, value_cache, block_table,
+        columns, scores.stride(0), *strides,
+        HAS_EVICT=evict is not None, BLOCK=min(1024, _pow2(columns, 16)), **consts,
     )
+    return out
 
 
 # Keep the oracle reachable from here for callers that want both side by side.
