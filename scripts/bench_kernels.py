@@ -137,7 +137,7 @@ def bench_config(rows, live, q_heads, kv_heads, head_dim, block_size, dtype, ite
         "score_tiles_s": {str(t): s for t, s in tile_times.items()},
         "best_tile": best_tile,
         "lse_s": lse_time,
-        "lse_splits": T._lse_splits(rows, kv_heads, live, 32, kc.device)[0],
+        "lse_splits": T._lse_splits(rows, kv_heads, live, 64, kc.device)[0],
         "lse_one_split_s": lse_one_split,
         "score_two_pass_s": two_pass,
         "score_two_pass_GBps": 2 * k_bytes / two_pass / 1e9,

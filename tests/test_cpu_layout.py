@@ -282,3 +282,38 @@ def test_decoder_rejects_an_unwritten_element():
     passes[1][17] = 0  # the write op never touched this offset in pass 1
     with pytest.raises(RuntimeError, match="out of range"):
         _decode_half(passes, block_size, head_size, "V", "test", block_size)
+
+
+@pytest.mark.parametrize("dtype,block_size,head_size,kv_heads", GRID, ids=IDS)
+def test_last_query_logits_fast_path_equals_written_keys(dtype, block_size, head_size,
+                                                          kv_heads):
+    """The scorer's block-wise path (a matmul against each block's raw K) gives the logits
+    of the keys vLLM's op wrote, for ragged rows over shuffled blocks; the padding positions
+    past ``live`` are the engine's to mask, so only live positions are compared."""
+    from tova_vllm.engine.cpu_layout import last_query_logits
+    from tova_vllm.policies import gqa_logits
+
+    gen = torch.Generator().manual_seed(7 + block_size + head_size + kv_heads)
+    isa, layout = _isa_layout(dtype, block_size, head_size)
+    _, pages, key_cache, value_cache = _cache(dtype, block_size, head_size, kv_heads, gen)
+    live = torch.tensor([2 * block_size + 3, block_size, 1])
+    width = int(live.max())
+    # Each row owns distinct shuffled blocks; position p of row r lives in block p // bs.
+    perm = torch.randperm(NUM_BLOCKS, generator=gen)
+    table = torch.stack([perm[:3], perm[3].repeat(3), perm[4].repeat(3)])
+    positions = torch.arange(width)
+    padded = torch.where(positions.view(1, -1) < live.view(-1, 1), positions, 0)
+    block_ids = table.gather(1, padded // block_size)
+    offsets = padded % block_size
+    keys = torch.randn(3, width, kv_heads, head_size, generator=gen).to(dtype)
+    for r in range(3):
+        slots = block_ids[r, : live[r]] * block_size + offsets[r, : live[r]]
+        _write(keys[r, : live[r]], keys[r, : live[r]], key_cache, value_cache, slots, isa)
+    query = torch.randn(3, kv_heads * 2, head_size, generator=gen).to(dtype)
+
+    got = last_query_logits(pages, layout, block_ids, offsets, query, 0.125)
+    for r in range(3):
+        n = int(live[r])
+        expected = gqa_logits(query[r : r + 1], keys[r : r + 1, :n].transpose(1, 2), 0.125)
+        torch.testing.assert_close(got[r : r + 1, ..., :n], expected, atol=1e-4, rtol=1e-4)
+    assert layout.key_kind in ("transposed", "rows", "other")

@@ -24,8 +24,14 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from ..config import TovaSettings, settings_from_additional_config
-from ..policies import compaction_moves, head_summed_probs, slot_to_drop, slots_to_keep, tova_scores
-from .cpu_layout import copy_positions, gather, probe_page_layout
+from ..policies import (
+    compaction_moves,
+    head_summed_probs_from_logits,
+    slot_to_drop,
+    slots_to_keep,
+    tova_scores,
+)
+from .cpu_layout import copy_positions, last_query_logits, probe_page_layout
 from .plan import EvictionBatch, RequestStep, plan_step
 from .spec import TovaSpec
 from .step_context import batch_rows
@@ -205,9 +211,9 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
     def _evict(self, isa: str, query: torch.Tensor, pages: torch.Tensor, ev: EvictionBatch) -> None:
         block_size = pages.shape[2] // 2
         layout = probe_page_layout(isa, pages.dtype, block_size, self.head_size)
-        keys = gather(pages, layout.key, ev.block_ids, ev.block_offsets)  # [E, H, S, D]
-
-        head_sum = head_summed_probs(query[ev.query_index], keys, self.scale, ev.live)
+        logits = last_query_logits(pages, layout, ev.block_ids, ev.block_offsets,
+                                   query[ev.query_index], self.scale)
+        head_sum = head_summed_probs_from_logits(logits, ev.live)
         if self.tp_group is not None:
             head_sum = self.tp_group.all_reduce(head_sum)
         scores = tova_scores(head_sum, self.total_q_heads)

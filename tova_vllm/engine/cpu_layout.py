@@ -35,6 +35,21 @@ class HalfPageLayout:
 class PageLayout:
     key: HalfPageLayout
     value: HalfPageLayout
+    key_kind: str
+    """``"transposed"`` (K stored ``[D, bs]`` per block, the ``vec`` ISA), ``"rows"``
+    (``[bs, D]``), or ``"other"`` (e.g. AMX tiles): picks the scoring fast path."""
+
+
+def _key_kind(key: HalfPageLayout) -> str:
+    block_size, head_size = key.rows.shape
+    flat = key.rows * head_size + key.cols
+    tokens = torch.arange(block_size).view(-1, 1)
+    dims = torch.arange(head_size).view(1, -1)
+    if torch.equal(flat, dims * block_size + tokens):
+        return "transposed"
+    if torch.equal(flat, tokens * head_size + dims):
+        return "rows"
+    return "other"
 
 
 def _digits_needed(n: int) -> int:
@@ -86,10 +101,9 @@ def probe_page_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: 
         )
         passes["key"].append(key_half.reshape(-1).clone())
         passes["value"].append((_BASE + 1 - value_half.reshape(-1).float()).clone())
-    return PageLayout(
-        key=_decode_half(passes["key"], block_size, head_size, "K", isa, 0),
-        value=_decode_half(passes["value"], block_size, head_size, "V", isa, block_size),
-    )
+    key = _decode_half(passes["key"], block_size, head_size, "K", isa, 0)
+    value = _decode_half(passes["value"], block_size, head_size, "V", isa, block_size)
+    return PageLayout(key=key, value=value, key_kind=_key_kind(key))
 
 
 def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
@@ -119,3 +133,34 @@ def copy_positions(pages: torch.Tensor, layout: PageLayout, src_block: torch.Ten
         dst = (dst_block, heads, half.rows[dst_offset].unsqueeze(1), half.cols[dst_offset].unsqueeze(1))
         src = (src_block, heads, half.rows[src_offset].unsqueeze(1), half.cols[src_offset].unsqueeze(1))
         pages[dst] = pages[src]
+
+
+def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.Tensor,
+                      block_offsets: torch.Tensor, query: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """fp32 ``q.k * scale`` for each row's cache positions: ``[E, kv_heads, group, S]``.
+
+    ``block_ids``/``block_offsets``: ``[E, S]`` per cache position, positions laid out
+    block after block (as ``EvictionBatch`` gives them).  For the plain layouts whole
+    blocks are copied once and multiplied in place (a matmul against K or K^T); only an
+    unusual layout pays for an element-wise gather.
+    """
+    from ..policies import gqa_logits
+
+    kind = layout.key_kind
+    if kind == "other":
+        return gqa_logits(query, gather(pages, layout.key, block_ids, block_offsets), scale)
+    rows, width = block_ids.shape
+    num_blocks, kv_heads, double_bs, head_size = pages.shape
+    block_size = double_bs // 2
+    per_row = -(-width // block_size)
+    first = block_ids[:, ::block_size][:, :per_row].reshape(-1)
+    raw = pages[:, :, :block_size, :].index_select(0, first)  # [E*n, H, bs, D] raw K half
+    q = query.float().view(rows, 1, kv_heads, -1, head_size)  # [E, 1, H, g, D]
+    if kind == "transposed":
+        k_t = raw.reshape(rows, per_row, kv_heads, head_size, block_size).float()
+    else:
+        k_t = raw.reshape(rows, per_row, kv_heads, block_size, head_size).float().transpose(-1, -2)
+    logits = torch.matmul(q, k_t) * scale  # [E, n, H, g, bs]
+    logits = logits.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, -1, per_row * block_size)
+    return logits[..., :width]

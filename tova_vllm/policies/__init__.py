@@ -5,14 +5,16 @@ functions, so the policy is tested once and shared.
 """
 
 from .schedule import EvictionSchedule, cdiv
-from .scoring import head_summed_probs, tova_scores
+from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
 from .selection import compaction_moves, slot_to_drop, slots_to_keep
 
 __all__ = [
     "EvictionSchedule",
     "cdiv",
     "compaction_moves",
+    "gqa_logits",
     "head_summed_probs",
+    "head_summed_probs_from_logits",
     "slot_to_drop",
     "slots_to_keep",
     "tova_scores",

@@ -5,32 +5,46 @@ from __future__ import annotations
 import torch
 
 
+def gqa_logits(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 ``q.k * scale`` of one query per row: ``[rows, kv_heads, group, slots]``.
+
+    ``query``: ``[rows, q_heads, head_dim]`` (after RoPE); ``keys``:
+    ``[rows, kv_heads, slots, head_dim]``; query head ``h`` reads kv head
+    ``h // (q_heads // kv_heads)`` (GQA).
+    """
+    rows, q_heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.float().view(rows, kv_heads, q_heads // kv_heads, head_dim)
+    return torch.einsum("rkgd,rksd->rkgs", q, keys.float()) * scale
+
+
+def head_summed_probs_from_logits(logits: torch.Tensor, live: torch.Tensor | None = None
+                                  ) -> torch.Tensor:
+    """Softmax over each row's first ``live`` slots (the rest is padding and gets weight
+    0), summed over all query heads: ``[rows, kv_heads, group, slots]`` -> ``[rows, slots]``.
+
+    The sum, not the mean, is returned so that tensor-parallel ranks, each holding some of
+    the heads, can all-reduce it before dividing by the total head count.
+    """
+    if live is not None:
+        slot_ids = torch.arange(logits.shape[-1], device=logits.device)
+        pad = slot_ids.view(1, 1, 1, -1) >= live.view(-1, 1, 1, 1)
+        logits = logits.masked_fill(pad, float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+
+
 def head_summed_probs(
     query: torch.Tensor,
     keys: torch.Tensor,
     scale: float,
     live: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax weights of one query per row over its keys, summed over query heads.
+    """Softmax weights of one query per row over its keys (fp32), summed over query heads.
 
-    ``query``: ``[rows, q_heads, head_dim]`` (after RoPE); ``keys``:
-    ``[rows, kv_heads, slots, head_dim]``; query head ``h`` reads kv head
-    ``h // (q_heads // kv_heads)`` (GQA).  ``live``: per-row count of valid slots (the rest
-    is padding and gets weight 0).  The softmax is taken in fp32 over all live slots.
-    Returns ``[rows, slots]`` fp32.  The sum, not the mean, is returned so that tensor
-    parallel ranks, each holding some of the heads, can all-reduce it before dividing by
-    the total head count.
+    See :func:`gqa_logits` for shapes and :func:`head_summed_probs_from_logits` for
+    ``live`` and why this is a sum.  Returns ``[rows, slots]`` fp32.
     """
-    rows, q_heads, head_dim = query.shape
-    kv_heads = keys.shape[1]
-    group = q_heads // kv_heads
-    q = query.float().view(rows, kv_heads, group, head_dim)
-    logits = torch.einsum("rkgd,rksd->rkgs", q, keys.float()) * scale
-    if live is not None:
-        slot_ids = torch.arange(keys.shape[2], device=keys.device)
-        pad = slot_ids.view(1, 1, 1, -1) >= live.view(-1, 1, 1, 1)
-        logits = logits.masked_fill(pad, float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+    return head_summed_probs_from_logits(gqa_logits(query, keys, scale), live)
 
 
 def tova_scores(head_sum: torch.Tensor, total_q_heads: int) -> torch.Tensor:
