@@ -155,12 +155,33 @@ def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.
     block_size = double_bs // 2
     per_row = -(-width // block_size)
     first = block_ids[:, ::block_size][:, :per_row].reshape(-1)
-    raw = pages[:, :, :block_size, :].index_select(0, first)  # [E*n, H, bs, D] raw K half
+    # Copy the K halves of the rows' blocks into a reused buffer: allocating a fresh
+    # K-sized tensor per layer costs more (first-touch page faults) than the copy itself.
+    raw = _scratch("blocks", (first.numel(), kv_heads, block_size, head_size), pages.dtype)
+    torch.index_select(pages[:, :, :block_size, :], 0, first, out=raw)
+    if raw.dtype != torch.float32:
+        raw = _scratch("blocks_fp32", raw.shape, torch.float32).copy_(raw)
     q = query.float().view(rows, 1, kv_heads, -1, head_size)  # [E, 1, H, g, D]
     if kind == "transposed":
-        k_t = raw.reshape(rows, per_row, kv_heads, head_size, block_size).float()
+        k_t = raw.view(rows, per_row, kv_heads, head_size, block_size)
     else:
-        k_t = raw.reshape(rows, per_row, kv_heads, block_size, head_size).float().transpose(-1, -2)
+        k_t = raw.view(rows, per_row, kv_heads, block_size, head_size).transpose(-1, -2)
     logits = torch.matmul(q, k_t) * scale  # [E, n, H, g, bs]
     logits = logits.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, -1, per_row * block_size)
     return logits[..., :width]
+
+
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer reused by every layer and step of this process (layers run one at a time);
+    it grows to the largest eviction batch seen and is never shrunk."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    buffer = _SCRATCH.get(name)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        _SCRATCH[name] = buffer
+    return buffer[:numel].view(shape)
