@@ -17,19 +17,40 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-_FORMAT = "<qqq"  # evicted tokens (cumulative), KV blocks held, KV blocks saved
+_FORMAT = "<qqqq"  # evicted tokens (cumulative), KV blocks held, KV blocks saved, writer pid
 _SIZE = struct.calcsize(_FORMAT)
 
 
+def _channel_dir() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
 def channel_path(instance_id: str, engine_index: int) -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return base / f"tova-vllm-{instance_id or 'default'}-{engine_index}.stats"
+    return _channel_dir() / f"tova-vllm-{instance_id or 'default'}-{engine_index}.stats"
+
+
+def remove_orphaned_channels() -> None:
+    """Delete channel files whose writer process is gone.
+
+    An engine core that is killed (or exits through ``os._exit``) cannot remove its file;
+    the next engine on the host cleans up after it.  Files of live engines are kept.
+    """
+    for path in _channel_dir().glob("tova-vllm-*.stats"):
+        try:
+            with open(path, "rb") as f:
+                pid = struct.unpack(_FORMAT, f.read(_SIZE))[3]
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (OSError, struct.error):
+            continue  # unreadable, half-written or not ours to judge: leave it
 
 
 class StatsWriter:
     """Engine-core side: cumulative evictions and the current block counts."""
 
     def __init__(self, path: Path) -> None:
+        remove_orphaned_channels()
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -44,7 +65,7 @@ class StatsWriter:
         self._blocks = (held, saved)
 
     def publish(self) -> None:
-        self._map[:] = struct.pack(_FORMAT, self.evicted_tokens, *self._blocks)
+        self._map[:] = struct.pack(_FORMAT, self.evicted_tokens, *self._blocks, os.getpid())
 
     def close(self) -> None:
         self._map.close()
@@ -52,9 +73,10 @@ class StatsWriter:
 
 
 def read_stats(path: Path) -> Optional[tuple[int, int, int]]:
+    """(evicted tokens, blocks held, blocks saved), or None before the first publish."""
     try:
         with open(path, "rb") as f:
             data = f.read(_SIZE)
     except FileNotFoundError:
         return None
-    return struct.unpack(_FORMAT, data) if len(data) == _SIZE else None
+    return struct.unpack(_FORMAT, data)[:3] if len(data) == _SIZE else None
