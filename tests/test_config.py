@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tova_vllm.config import TovaConfigError, TovaSettings, settings_from_additional_config
+from tova_vllm.config import (
+    TovaConfigError,
+    TovaRequestError,
+    TovaSettings,
+    resolve_request,
+    settings_from_additional_config,
+)
+from tova_vllm.policies import EvictionPolicy
 
 
 @pytest.mark.parametrize("additional_config", [None, {}, {"other_plugin": {"x": 1}}])
@@ -34,6 +41,13 @@ def test_defaults_and_full_settings():
         ({"cache_size": 8, "prompt_chunk": 0}, "prompt_chunk"),
         ({"cache_size": 8, "policy": "random"}, "policy"),
         ({"cache_size": 8, "cache_sise": 8}, "cache_sise"),
+        ({"cache_size": 8, "policy": "sink_window", "sinks": -1}, "sinks"),
+        ({"cache_size": 8, "policy": "sink_window", "sinks": 8}, "sinks"),
+        ({"cache_size": 4, "policy": "sink_window"}, "sinks"),  # default 4 sinks
+        ({"cache_size": 8, "sinks": 2.0}, "sinks"),
+        ({"cache_size": 8, "policy": "h2o", "recent": 8}, "recent"),
+        ({"cache_size": 8, "recent": "half"}, "recent"),
+        ({"cache_size": 8, "recent": 9}, "recent"),  # explicit: bounds per-request h2o
     ],
 )
 def test_bad_values_name_the_field(raw, field):
@@ -44,3 +58,27 @@ def test_bad_values_name_the_field(raw, field):
 def test_not_a_mapping():
     with pytest.raises(TovaConfigError, match="mapping"):
         settings_from_additional_config({"tova": 512})
+
+
+def test_policy_settings():
+    settings = TovaSettings.parse({"cache_size": 64, "policy": "h2o", "recent": 10, "sinks": 2})
+    assert settings.eviction_policy() == EvictionPolicy("h2o", sinks=2, recent=10)
+    assert settings.eviction_policy("window") == EvictionPolicy("window", sinks=2, recent=10)
+    # The default sinks only constrain sink_window: TOVA with C = 2 is fine.
+    assert TovaSettings.parse({"cache_size": 2}).eviction_policy().name == "tova"
+
+
+def test_per_request_policy_and_budget():
+    settings = TovaSettings.parse({"cache_size": 64})
+    assert resolve_request(None, settings) == (64, EvictionPolicy("tova"))
+    assert resolve_request({"tova_policy": "window", "tova_cache_size": 16}, settings) == (
+        16, EvictionPolicy("window"))
+    for extra, parameter in (
+        ({"tova_policy": "random"}, "tova_policy"),
+        ({"tova_policy": None}, "tova_policy"),
+        ({"tova_policy": "sink_window", "tova_cache_size": 3}, "tova_policy"),
+        ({"tova_cache_size": 65}, "tova_cache_size"),
+    ):
+        with pytest.raises(TovaRequestError, match=parameter) as info:
+            resolve_request(extra, settings)
+        assert info.value.parameter == parameter

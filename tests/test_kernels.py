@@ -506,6 +506,26 @@ def test_scoring_kernel_timing_smoke():
     assert gbps > 100, f"scoring kernel reads K at only {gbps:.0f} GB/s"
 
 
+# --------------------------------------------------------------------------- the CUDA mechanism
+
+
+@needs_kernels
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prompt"])
+@pytest.mark.parametrize("use_lse", [False, True], ids=["softmax", "lse"])
+def test_paged_evictor_with_triton_kernels(decode, use_lse):
+    """The CUDA backend's eviction step (engine/paged_eviction.py) with these kernels,
+    against the dense model of test_paged_eviction.py; mixed policies included."""
+    from paged_cases import run_case
+
+    run_case(backend="triton", decode=decode, policies=None, use_lse=use_lse, seed=1,
+             device=DEVICE)
+    run_case(backend="triton", decode=decode, policies=["tova", "h2o", "window"], seed=2,
+             device=DEVICE)
+    if CUDA:  # the tensor-core path with a half-precision cache
+        run_case(backend="triton", decode=decode, policies=None, use_lse=use_lse, seed=3,
+                 dtype=torch.bfloat16, device=DEVICE)
+
+
 # --------------------------------------------------------------------------- fallback
 
 

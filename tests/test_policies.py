@@ -245,3 +245,115 @@ def test_compaction_moves_pack_kept_slots(seed):
     assert all(cache[j] == j for j in kept.tolist() if j < keep)
     assert src.tolist() == sorted(src.tolist()) and dst.tolist() == sorted(dst.tolist())
     assert all(s >= keep for s in src.tolist()) and all(d < keep for d in dst.tolist())
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _kept_positions(policy, positions, cache_size, **inputs):
+    scores = policy.keep_scores(
+        cache_size=torch.tensor([cache_size]), query_position=positions.max().view(1),
+        positions=positions.unsqueeze(0), **{k: v.unsqueeze(0) for k, v in inputs.items()},
+    )[0]
+    return set(positions[slots_to_keep(scores, cache_size)].tolist())
+
+
+def _shuffled_positions(n: int, seed: int, gaps: bool = True) -> torch.Tensor:
+    """Live positions in an arbitrary slot order; with gaps, like a cache after evictions."""
+    rng = random.Random(seed)
+    pool = range(3 * n) if gaps else range(n)
+    chosen = sorted(rng.sample(pool, n)) if gaps else list(pool)
+    rng.shuffle(chosen)
+    return torch.tensor(chosen, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("cache_size", [1, 5, 16])
+def test_window_keeps_the_most_recent(seed, cache_size):
+    from tova_vllm.policies import EvictionPolicy
+
+    positions = _shuffled_positions(cache_size + 7, seed)
+    want = set(sorted(positions.tolist())[-cache_size:])
+    assert _kept_positions(EvictionPolicy("window"), positions, cache_size) == want
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("sinks,cache_size", [(4, 16), (1, 2), (0, 6), (3, 4)])
+def test_sink_window_keeps_first_tokens_and_the_most_recent(seed, sinks, cache_size):
+    from tova_vllm.policies import EvictionPolicy
+
+    # The sinks are always live (they were never dropped), other positions have gaps.
+    rest = _shuffled_positions(cache_size + 5, seed) + sinks
+    positions = torch.cat((torch.arange(sinks, dtype=torch.int32), rest))
+    positions = positions[torch.randperm(positions.numel(), generator=torch.Generator().manual_seed(seed))]
+    want = set(range(sinks)) | set(sorted(rest.tolist())[-(cache_size - sinks):] if cache_size > sinks else [])
+    assert _kept_positions(EvictionPolicy("sink_window", sinks=sinks), positions, cache_size) == want
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("recent,cache_size", [(None, 16), (3, 8), (0, 5), (1, 2)])
+def test_h2o_keeps_recent_window_and_heaviest(seed, recent, cache_size):
+    from tova_vllm.policies import EvictionPolicy
+
+    n = cache_size + 9
+    positions = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
+    accumulated = torch.rand(n, generator=torch.Generator().manual_seed(100 + seed)) * 3
+    window = cache_size // 2 if recent is None else recent
+    newest = n - 1
+    protected = {p for p in range(n) if p > newest - window}
+    others = sorted((p for p in range(n) if p not in protected),
+                    key=lambda p: -float(accumulated[positions.tolist().index(p)]))
+    want = protected | set(others[: cache_size - len(protected)])
+    got = _kept_positions(EvictionPolicy("h2o", recent=recent), positions, cache_size,
+                          accumulated=accumulated)
+    assert got == want
+
+
+def test_window_decode_rule_drops_the_oldest():
+    from tova_vllm.policies import EvictionPolicy
+
+    positions = torch.tensor([[7, 3, 9, 4, 12], [2, 8, 1, 0, 0]], dtype=torch.int32)
+    scores = EvictionPolicy("window").keep_scores(
+        cache_size=torch.tensor([4, 2]), query_position=torch.tensor([12, 8]), positions=positions)
+    # Row 1 has 3 live slots; its padding (slots 3, 4) must not be chosen.
+    assert slot_to_drop(scores, torch.tensor([5, 3])).tolist() == [1, 2]
+
+
+def test_policy_validation():
+    from tova_vllm.policies import EvictionPolicy
+
+    for bad in ({"name": "lru"}, {"name": "window", "sinks": -1},
+                {"name": "h2o", "recent": True}, {"name": "h2o", "recent": 2.5}):
+        with pytest.raises(ValueError):
+            EvictionPolicy(**bad)
+    with pytest.raises(ValueError, match="sink"):
+        EvictionPolicy("sink_window", sinks=4).check_budget(4)
+    with pytest.raises(ValueError, match="recent"):
+        EvictionPolicy("h2o", recent=8).check_budget(8)
+    EvictionPolicy("h2o").check_budget(1)  # default: half of the budget
+    with pytest.raises(ValueError, match="needs positions"):
+        EvictionPolicy("window").keep_scores(cache_size=torch.tensor([1]),
+                                             query_position=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("kv_heads,group,queries", [(1, 1, 1), (2, 4, 5), (4, 1, 3)])
+def test_accumulated_from_logits_is_the_summed_softmax(kv_heads, group, queries):
+    from tova_vllm.policies import accumulated_from_logits
+
+    g = torch.Generator().manual_seed(kv_heads * 10 + queries)
+    rows, slots = 2, 9
+    logits = torch.randn(rows, kv_heads, group, queries, slots, generator=g)
+    visible = torch.rand(rows, queries, slots, generator=g) > 0.3
+    visible[0, 0] = False  # a query that sees nothing (padding) contributes nothing
+    want = torch.zeros(rows, slots, dtype=torch.float64)
+    for r in range(rows):
+        for q in range(queries):
+            seen = visible[r, q].nonzero().flatten().tolist()
+            if not seen:
+                continue
+            for h in range(kv_heads):
+                for j in range(group):
+                    w = torch.softmax(logits[r, h, j, q, seen].double(), dim=0)
+                    want[r, seen] += w
+    torch.testing.assert_close(accumulated_from_logits(logits, visible).double(), want,
+                               atol=1e-5, rtol=1e-5)

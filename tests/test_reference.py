@@ -396,3 +396,67 @@ def test_sliding_window_model_rejected(tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["mistral"], sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window"):
         generate(model, [5, 6, 7], cache_size=4, max_new_tokens=2)
+
+
+# ------------------------------------------------------------- baseline policies
+
+
+@pytest.mark.parametrize("policy", ["window", "sink_window", "h2o"])
+@pytest.mark.parametrize("arch", ["llama_gqa", "qwen3"])
+def test_baselines_at_the_prompt_end_follow_hf_attention(hf_models, arch, policy):
+    """At the prompt's eviction: window keeps the last C positions, sink_window the first
+    four plus the last C - 4, H2O the last C/2 plus the heaviest by attention summed over
+    every prompt query and averaged over heads (from HF's eager attention weights)."""
+    model = hf_models[arch]
+    prompt_len, cache_size = 60, 16
+    prompt = _prompt(prompt_len, seed=9)
+    rec = Recorder()
+    generate(model, prompt, cache_size=cache_size, max_new_tokens=1, trace=rec, policy=policy)
+    with torch.no_grad():
+        hf = model(torch.tensor([prompt]), output_attentions=True)
+    for index, attn in enumerate(hf.attentions):
+        (r,) = rec.layer(index)
+        kept = set(r.kept_positions.tolist())
+        assert len(kept) == cache_size
+        if policy == "window":
+            assert kept == set(range(prompt_len - cache_size, prompt_len))
+        elif policy == "sink_window":
+            assert kept == set(range(4)) | set(range(prompt_len - cache_size + 4, prompt_len))
+        else:
+            heavy = attn[0].float().mean(dim=0).sum(dim=0)  # [P]: summed over queries
+            recent = set(range(prompt_len - cache_size // 2, prompt_len))
+            assert recent <= kept
+            rest = torch.tensor([p not in recent for p in range(prompt_len)])
+            is_kept = torch.tensor([p in kept for p in range(prompt_len)])
+            assert heavy[is_kept & rest].min() >= heavy[~is_kept].max() - 1e-6
+            by_slot = r.scores[torch.argsort(r.positions)]  # slot order == position order here
+            torch.testing.assert_close(by_slot[rest].float(), heavy[rest], atol=1e-5, rtol=1e-4)
+
+
+def test_policies_differ_and_full_cache_is_hf(hf_models):
+    model = hf_models["llama_gqa"]
+    prompt = _prompt(50, seed=10)
+    outs = {p: generate(model, prompt, cache_size=12, max_new_tokens=30, policy=p,
+                        prompt_mode="chunked", prompt_chunk=4).token_ids
+            for p in ("tova", "window", "sink_window", "h2o")}
+    assert len({tuple(v) for v in outs.values()}) == 4
+    full = _hf_greedy(model, prompt, 30)
+    for p in ("tova", "window", "sink_window", "h2o"):
+        assert generate(model, prompt, cache_size=80, max_new_tokens=30, policy=p).token_ids == full
+
+
+def test_teacher_forced_logprobs_full_cache_equals_hf(hf_models):
+    from tova_vllm.reference import teacher_forced_logprobs
+
+    model = hf_models["llama_mha"]
+    ids = _prompt(70, seed=11)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    want = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1))[:, 0]
+    for policy in ("tova", "h2o"):
+        got = teacher_forced_logprobs(model, ids, cache_size=70, policy=policy)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # With eviction the first C + 1 tokens are still exact, later ones are not.
+    small = teacher_forced_logprobs(model, ids, cache_size=20)
+    torch.testing.assert_close(small[:20], want[:20], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(small[21:], want[21:], atol=1e-3)

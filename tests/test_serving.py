@@ -93,8 +93,13 @@ def _offline_outputs(llm):
         [{"prompt_token_ids": PROMPTS[LONG]}],
         SamplingParams(**GREEDY, ignore_eos=True, extra_args={"tova_cache_size": SMALL_BUDGET}),
         use_tqdm=False)
+    (h2o,) = llm.generate(
+        [{"prompt_token_ids": PROMPTS[LONG]}],
+        SamplingParams(**GREEDY, ignore_eos=True, extra_args={"tova_policy": "h2o"}),
+        use_tqdm=False)
     return {
         "small_budget": list(small_budget.outputs[0].token_ids),
+        "h2o": list(h2o.outputs[0].token_ids),
         "completions": [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in completions],
         "chat": (list(chat.prompt_token_ids), list(chat.outputs[0].token_ids),
                  chat.outputs[0].text),
@@ -184,7 +189,16 @@ def test_per_request_budget_over_http(client, offline):
     assert resp.choices[0].token_ids != offline["tova"]["completions"][LONG][0]
 
 
+def test_per_request_policy_over_http(client, offline):
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
+        extra_body={**EXTRA, "vllm_xargs": {"tova_policy": "h2o"}})
+    assert resp.choices[0].token_ids == offline["tova"]["h2o"]
+    assert resp.choices[0].token_ids != offline["tova"]["completions"][LONG][0]
+
+
 @pytest.mark.parametrize("bad", [
+    dict(prompt=PROMPTS[0], max_tokens=4, extra_body={"vllm_xargs": {"tova_policy": "lru"}}),
     dict(prompt=PROMPTS[0], max_tokens=4, extra_body={"vllm_xargs": {"tova_cache_size": 0}}),
     dict(prompt=PROMPTS[0], max_tokens=4,
          extra_body={"vllm_xargs": {"tova_cache_size": CACHE_SIZE + 1}}),
@@ -200,7 +214,8 @@ def test_bad_request_is_4xx_and_server_keeps_serving(client, server, offline, ba
     assert 400 <= excinfo.value.status_code < 500, excinfo.value
     if "vllm_xargs" in bad.get("extra_body", {}):
         assert excinfo.value.status_code == 400
-        assert "tova_cache_size" in str(excinfo.value)
+        (argument,) = bad["extra_body"]["vllm_xargs"]
+        assert argument in str(excinfo.value)
     assert server.health_status() == 200
     resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], **GREEDY,
                                      extra_body=EXTRA)

@@ -8,6 +8,7 @@ Without that key the plugin changes nothing.
 __version__ = "0.1.0"
 
 _registered = False
+CUDA_BACKEND = "tova_vllm.engine.cuda_backend.TovaFlashAttentionBackend"
 
 
 def register() -> None:
@@ -37,6 +38,12 @@ def register() -> None:
     from .engine.spec import TovaManager, TovaSpec
 
     register_backend(AttentionBackendEnum.CPU_ATTN, "tova_vllm.engine.cpu_backend.TovaCPUBackend")
+    # CUDA: selected only when TOVA is enabled (the config check sets the CUSTOM backend);
+    # never over another plugin's CUSTOM backend (the config check then refuses TOVA).
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES
+
+    if AttentionBackendEnum.CUSTOM not in _ATTN_OVERRIDES:
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
     # Without this, registering first leaves the built-in specs without managers here.
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(TovaSpec, TovaManager, uniform_type_base_spec=FullAttentionSpec)

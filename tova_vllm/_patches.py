@@ -176,12 +176,7 @@ def _apply_input_processor_validates_budget() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from .config import (
-        REQUEST_CACHE_SIZE_ARG,
-        TovaRequestError,
-        request_cache_size,
-        settings_from_additional_config,
-    )
+    from .config import TovaRequestError, resolve_request, settings_from_additional_config
 
     def make(original):
         def _validate_params(self, params, *args, **kwargs):
@@ -189,11 +184,10 @@ def _apply_input_processor_validates_budget() -> None:
             settings = settings_from_additional_config(self.vllm_config.additional_config)
             if settings is not None and isinstance(params, SamplingParams):
                 try:
-                    request_cache_size(params.extra_args, settings.cache_size)
+                    resolve_request(params.extra_args, settings)
                 except TovaRequestError as error:
                     raise VLLMValidationError(
-                        str(error), parameter=REQUEST_CACHE_SIZE_ARG,
-                        value=(params.extra_args or {}).get(REQUEST_CACHE_SIZE_ARG),
+                        str(error), parameter=error.parameter, value=error.value
                     ) from None
             return result
         return _validate_params
@@ -249,8 +243,8 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="input_processor_validates_budget",
-            why="A per-request budget (extra_args/vllm_xargs tova_cache_size) must be "
-            "checked against the server's cache_size where requests enter, so a bad value "
+            why="Per-request settings (extra_args/vllm_xargs tova_cache_size, tova_policy) "
+            "must be checked against the server's settings where requests enter, so a bad value "
             "is a 400 for that request instead of an error inside the engine.",
             touches="vllm.v1.engine.input_processor.InputProcessor._validate_params (wrapped: "
             "checks run after vLLM's own)",

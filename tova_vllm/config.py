@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
+from .policies.eviction import DEFAULT_SINKS, POLICY_NAMES, EvictionPolicy
+
 CONFIG_KEY = "tova"
 # Per-request budget: SamplingParams(extra_args={...}) offline, vllm_xargs over HTTP.
 REQUEST_CACHE_SIZE_ARG = "tova_cache_size"
-POLICIES = ("tova",)
+REQUEST_POLICY_ARG = "tova_policy"
 PROMPT_MODES = ("prompt", "chunked")
 
 
@@ -27,12 +29,22 @@ class TovaConfigError(Exception):
 class TovaRequestError(ValueError):
     """A bad per-request TOVA argument (HTTP 400 on the server)."""
 
+    def __init__(self, message: str, parameter: str, value: Any = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.value = value
+
 
 @dataclass(frozen=True)
 class TovaSettings:
     cache_size: int
     """C: the most tokens of KV cache each request keeps per layer."""
     policy: str = "tova"
+    """``tova`` (the paper), or a baseline: ``window``, ``sink_window``, ``h2o``."""
+    sinks: int = DEFAULT_SINKS
+    """``sink_window``: the sequence's first tokens that are always kept."""
+    recent: Optional[int] = None
+    """``h2o``: the most recent tokens that are always kept (default: half the budget)."""
     prompt_mode: str = "prompt"
     """``prompt``: the paper (whole prompt, then top C); ``chunked``: evict after every
     ``prompt_chunk`` prompt tokens, so peak memory is C + prompt_chunk."""
@@ -42,6 +54,10 @@ class TovaSettings:
     def eviction_chunk(self) -> Optional[int]:
         """The fixed prompt stride between evictions, or None for the paper's mode."""
         return self.prompt_chunk if self.prompt_mode == "chunked" else None
+
+    def eviction_policy(self, name: Optional[str] = None) -> EvictionPolicy:
+        """The server's policy, or the named one with the server's sinks/recent settings."""
+        return EvictionPolicy(name or self.policy, sinks=self.sinks, recent=self.recent)
 
     @classmethod
     def parse(cls, raw: Any) -> "TovaSettings":
@@ -64,10 +80,23 @@ class TovaSettings:
             )
         settings = cls(
             cache_size=_positive_int("cache_size", raw["cache_size"]),
-            policy=_choice("policy", raw.get("policy", "tova"), POLICIES),
+            policy=_choice("policy", raw.get("policy", "tova"), POLICY_NAMES),
+            sinks=_non_negative_int("sinks", raw.get("sinks", DEFAULT_SINKS)),
+            recent=(None if raw.get("recent") is None
+                    else _non_negative_int("recent", raw["recent"])),
             prompt_mode=_choice("prompt_mode", raw.get("prompt_mode", "prompt"), PROMPT_MODES),
             prompt_chunk=_positive_int("prompt_chunk", raw.get("prompt_chunk", 512)),
         )
+        # Explicit sinks/recent also bound per-request policies, so check them whatever
+        # the server's default policy is; the default sinks only matter for sink_window.
+        for name in ("sinks", "recent"):
+            value = getattr(settings, name)
+            explicit = name in raw or (name == "sinks" and settings.policy == "sink_window")
+            if explicit and value is not None and value >= settings.cache_size:
+                raise TovaConfigError(
+                    f'additional_config["{CONFIG_KEY}"]["{name}"] ({value}) must be smaller '
+                    f"than cache_size ({settings.cache_size}): those tokens are always kept"
+                )
         return settings
 
 
@@ -75,6 +104,15 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TovaConfigError(
             f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= 1, '
+            f"got {value!r}"
+        )
+    return value
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TovaConfigError(
+            f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= 0, '
             f"got {value!r}"
         )
     return value
@@ -108,6 +146,38 @@ def request_cache_size(extra_args: Optional[Mapping[str, Any]], server_cache_siz
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= server_cache_size:
         raise TovaRequestError(
             f"{REQUEST_CACHE_SIZE_ARG} must be an integer from 1 to {server_cache_size} "
-            f"(the server's cache_size), got {value!r}"
+            f"(the server's cache_size), got {value!r}",
+            REQUEST_CACHE_SIZE_ARG, value,
         )
     return value
+
+
+def request_policy(extra_args: Optional[Mapping[str, Any]], settings: TovaSettings,
+                   cache_size: int) -> EvictionPolicy:
+    """The policy of one request: ``extra_args["tova_policy"]`` or the server's.
+
+    ``cache_size`` is the request's budget (see :func:`request_cache_size`); a lowered
+    budget must still leave room past the sinks / recent window.
+    """
+    name = settings.policy
+    if extra_args and REQUEST_POLICY_ARG in extra_args:
+        name = extra_args[REQUEST_POLICY_ARG]
+        if not isinstance(name, str) or name not in POLICY_NAMES:
+            raise TovaRequestError(
+                f"{REQUEST_POLICY_ARG} must be one of {list(POLICY_NAMES)}, got {name!r}",
+                REQUEST_POLICY_ARG, name,
+            )
+    policy = settings.eviction_policy(name)
+    try:
+        policy.check_budget(cache_size)
+    except ValueError as err:
+        raise TovaRequestError(f"{REQUEST_POLICY_ARG}={name}: {err}", REQUEST_POLICY_ARG,
+                               name) from None
+    return policy
+
+
+def resolve_request(extra_args: Optional[Mapping[str, Any]], settings: TovaSettings
+                    ) -> tuple[int, EvictionPolicy]:
+    """A request's budget and policy; raises :class:`TovaRequestError` naming the argument."""
+    cache_size = request_cache_size(extra_args, settings.cache_size)
+    return cache_size, request_policy(extra_args, settings, cache_size)

@@ -35,14 +35,18 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .policies import (
+    EvictionPolicy,
     EvictionSchedule,
+    accumulated_from_logits,
     compaction_moves,
     head_summed_probs,
     slots_to_keep,
     tova_scores,
 )
 
-__all__ = ["LayerTrace", "ReferenceOutput", "SegmentRecord", "generate"]
+__all__ = [
+    "LayerTrace", "ReferenceOutput", "SegmentRecord", "generate", "teacher_forced_logprobs",
+]
 
 PROMPT_MODES = ("prompt", "chunked")
 
@@ -66,8 +70,9 @@ class LayerTrace:
     query: torch.Tensor
     #: Keys before eviction, after RoPE, in slot order: ``[kv_heads, m + L, head_dim]``.
     keys: torch.Tensor
-    #: TOVA score of every slot in ``positions`` (mean over query heads of the last
-    #: query's softmax weights), fp32 ``[m + L]``; ``None`` when nothing was evicted.
+    #: The policy's keep score of every slot in ``positions`` (for TOVA: the mean over
+    #: query heads of the last query's softmax weights), ``[m + L]``; ``None`` when
+    #: nothing was evicted.
     scores: Optional[torch.Tensor]
     #: Slot indices (into ``positions``) that survived, ascending; ``None`` when nothing
     #: was evicted.
@@ -103,12 +108,14 @@ class ReferenceOutput:
 
 
 class _LayerCache:
-    """Keys, values and logical positions of one layer, in slot order."""
+    """Keys, values, logical positions and (H2O) accumulated attention of one layer, in
+    slot order."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.keys = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.positions = torch.empty(0, dtype=torch.long, device=device)
+        self.accumulated = torch.empty(0, dtype=torch.float32, device=device)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +166,12 @@ def _check_supported(model) -> None:
 class _Runner:
     """The model's forward pass, one segment at a time, over per-layer TOVA caches."""
 
-    def __init__(self, model, cache_size: int, trace: Optional[Callable[[LayerTrace], None]]):
+    def __init__(self, model, cache_size: int, policy: EvictionPolicy,
+                 trace: Optional[Callable[[LayerTrace], None]]):
         _check_supported(model)
         self.model = model
         self.cache_size = cache_size
+        self.policy = policy
         self.trace = trace
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -174,11 +183,12 @@ class _Runner:
             self.caches.append(_LayerCache(kv_heads, head_dim, self.dtype, self.device))
 
     def segment(
-        self, token_ids: torch.Tensor, start: int, evicts: bool
+        self, token_ids: torch.Tensor, start: int, evicts: bool, all_logits: bool = False
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Process the tokens at positions ``[start, start + len(token_ids))``.
 
-        Returns the fp32 logits of the segment's last token and the per-layer held counts.
+        Returns the fp32 logits of the segment's last token (of every token: ``[L, vocab]``,
+        with ``all_logits``) and the per-layer held counts.
         """
         inner = self.model.model
         end = start + token_ids.numel()
@@ -194,8 +204,10 @@ class _Runner:
             hidden = hidden + self._attention(index, layer, x, (cos, sin), start, evicts)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-        last = inner.norm(hidden[:, -1:])
-        logits = self.model.lm_head(last)[0, -1].float()
+        if all_logits:
+            logits = self.model.lm_head(inner.norm(hidden))[0].float()
+        else:
+            logits = self.model.lm_head(inner.norm(hidden[:, -1:]))[0, -1].float()
         return logits, tuple(cache.positions.numel() for cache in self.caches)
 
     def _attention(self, index: int, layer, x: torch.Tensor, rope, start: int, evicts: bool):
@@ -225,22 +237,39 @@ class _Runner:
         out = _attend(q, keys, values, num_old, scale)  # [q_heads, L, d]
         out = attn.o_proj(out.transpose(0, 1).reshape(1, num_new, -1))
 
+        policy = self.policy
         q_last = q[:, -1]
+        # Newly written slots start from zero accumulated attention.
+        accumulated = torch.cat((cache.accumulated, cache.accumulated.new_zeros(num_new)))
+        if policy.needs_accumulated:
+            accumulated = accumulated + _accumulated_increment(q, keys, num_old, scale)
         scores = kept = None
         if evicts:
-            head_sum = head_summed_probs(q_last.unsqueeze(0), keys.unsqueeze(0), scale)[0]
-            scores = tova_scores(head_sum, total_q_heads=q.shape[0])
+            last_probs = None
+            if policy.needs_last_query_probs:
+                head_sum = head_summed_probs(q_last.unsqueeze(0), keys.unsqueeze(0), scale)
+                last_probs = tova_scores(head_sum, total_q_heads=q.shape[0])
+            scores = policy.keep_scores(
+                cache_size=torch.tensor([self.cache_size]),
+                query_position=torch.tensor([end - 1]),
+                positions=positions.unsqueeze(0),
+                last_query_probs=last_probs,
+                accumulated=accumulated.unsqueeze(0),
+            )[0]
             kept = slots_to_keep(scores, self.cache_size)
             src, dst = compaction_moves(kept, self.cache_size)
             # Fresh tensors, so the pre-eviction ones handed to ``trace`` stay intact.
             cache.keys = keys[:, : self.cache_size].clone()
             cache.values = values[:, : self.cache_size].clone()
             cache.positions = positions[: self.cache_size].clone()
+            cache.accumulated = accumulated[: self.cache_size].clone()
             cache.keys[:, dst] = keys[:, src]
             cache.values[:, dst] = values[:, src]
             cache.positions[dst] = positions[src]
+            cache.accumulated[dst] = accumulated[src]
         else:
             cache.keys, cache.values, cache.positions = keys, values, positions
+            cache.accumulated = accumulated
 
         if self.trace is not None:
             self.trace(
@@ -258,6 +287,34 @@ class _Runner:
                 )
             )
         return out
+
+
+def _accumulated_increment(query: torch.Tensor, keys: torch.Tensor, num_old: int,
+                           scale: float) -> torch.Tensor:
+    """H2O: the segment's queries' softmax weights (causal), mean over query heads, summed
+    over the queries: fp32 ``[num_old + L]``."""
+    q_heads, num_new, head_dim = query.shape
+    kv_heads, num_slots, _ = keys.shape
+    q = query.float().reshape(1, kv_heads, q_heads // kv_heads, num_new, head_dim)
+    logits = torch.einsum("rkgld,rksd->rkgls", q, keys.float().unsqueeze(0)) * scale
+    slot = torch.arange(num_slots, device=query.device)
+    visible = slot.view(1, -1) <= (num_old + torch.arange(num_new, device=query.device)).view(-1, 1)
+    return tova_scores(accumulated_from_logits(logits, visible.unsqueeze(0))[0], q_heads)
+
+
+def _check_args(cache_size, prompt_mode, prompt_chunk, policy) -> EvictionPolicy:
+    if not isinstance(cache_size, int) or cache_size < 1:
+        raise ValueError(f"cache_size must be an int >= 1, got {cache_size!r}")
+    if prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+    if not isinstance(prompt_chunk, int) or prompt_chunk < 1:
+        raise ValueError(f"prompt_chunk must be an int >= 1, got {prompt_chunk!r}")
+    if isinstance(policy, str):
+        policy = EvictionPolicy(policy)
+    if not isinstance(policy, EvictionPolicy):
+        raise ValueError(f"policy must be a name or an EvictionPolicy, got {policy!r}")
+    policy.check_budget(cache_size)
+    return policy
 
 
 def _as_token_list(input_ids: Union[Sequence[int], torch.Tensor]) -> list[int]:
@@ -285,8 +342,9 @@ def generate(
     prompt_chunk: int = 512,
     eos_token_id: Optional[int] = None,
     trace: Optional[Callable[[LayerTrace], None]] = None,
+    policy: Union[str, EvictionPolicy] = "tova",
 ) -> ReferenceOutput:
-    """Greedy generation with a TOVA cache of ``cache_size`` tokens per layer.
+    """Greedy generation with a cache of ``cache_size`` tokens per layer.
 
     Args:
         model: a Hugging Face Llama-family causal LM (``LlamaForCausalLM``,
@@ -302,23 +360,21 @@ def generate(
         eos_token_id: stop after generating this token (it is included in the output).
         trace: called with a :class:`LayerTrace` for every layer of every segment, right
             after that layer's attention and eviction.
+        policy: which tokens survive: ``"tova"`` (default), ``"window"``,
+            ``"sink_window"``, ``"h2o"``, or an :class:`~tova_vllm.policies.EvictionPolicy`
+            (to set sinks / H2O's recent window).
 
     Returns:
         A :class:`ReferenceOutput`.
     """
-    if not isinstance(cache_size, int) or cache_size < 1:
-        raise ValueError(f"cache_size must be an int >= 1, got {cache_size!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if prompt_mode not in PROMPT_MODES:
-        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
-    if not isinstance(prompt_chunk, int) or prompt_chunk < 1:
-        raise ValueError(f"prompt_chunk must be an int >= 1, got {prompt_chunk!r}")
+    policy = _check_args(cache_size, prompt_mode, prompt_chunk, policy)
     prompt = _as_token_list(input_ids)
     if not prompt:
         raise ValueError("input_ids must hold at least one token")
 
-    runner = _Runner(model, cache_size, trace)
+    runner = _Runner(model, cache_size, policy, trace)
     schedule = EvictionSchedule(
         cache_size,
         prompt_len=len(prompt),
@@ -348,3 +404,54 @@ def generate(
 
     out.positions = [cache.positions for cache in runner.caches]
     return out
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(
+    model,
+    input_ids: Union[Sequence[int], torch.Tensor],
+    *,
+    cache_size: int,
+    policy: Union[str, EvictionPolicy] = "tova",
+    prompt_chunk: int = 1,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Log-probability of every token given the ones before it, under a bounded cache.
+
+    The text streams through the model as a ``chunked``-mode prompt: every
+    ``prompt_chunk`` tokens (1, the default, is the decode rule applied to every token:
+    the paper's language-modelling setting) each layer evicts down to ``cache_size``.
+    Returns fp32 ``[len(input_ids) - 1]``: entry i is ``log p(token i+1 | tokens <= i)``.
+    ``progress`` is called with the number of tokens processed after every segment.
+    """
+    policy = _check_args(cache_size, "chunked", prompt_chunk, policy)
+    ids = _as_token_list(input_ids)
+    if len(ids) < 2:
+        raise ValueError("input_ids must hold at least two tokens")
+    runner = _Runner(model, cache_size, policy, None)
+    schedule = EvictionSchedule(cache_size, prompt_len=len(ids), prompt_chunk=prompt_chunk)
+    tokens = torch.tensor(ids, dtype=torch.long, device=runner.device)
+    logprobs = []
+    for seg_start, seg_end, evicts in _coalesced(schedule.segments(0, len(ids))):
+        logits, _ = runner.segment(tokens[seg_start:seg_end], seg_start, evicts, all_logits=True)
+        logprobs.append(torch.log_softmax(logits, dim=-1))
+        if progress is not None:
+            progress(seg_end)
+    logprobs = torch.cat(logprobs)[:-1]
+    return logprobs.gather(1, tokens[1:].unsqueeze(1))[:, 0].cpu()
+
+
+def _coalesced(segments):
+    """Merge runs of segments that end without eviction into the next one: attention is
+    causal, so processing them together gives the same result, in fewer forward passes."""
+    pending = None
+    for seg_start, seg_end, evicts in segments:
+        start = seg_start if pending is None else pending
+        if evicts:
+            yield start, seg_end, True
+            pending = None
+        else:
+            pending = start
+            last_end = seg_end
+    if pending is not None:
+        yield pending, last_end, False

@@ -8,11 +8,14 @@ would hash and share).
 from __future__ import annotations
 
 import logging
+import os
 
 from ..config import settings_from_additional_config
 
 # Under vLLM's logger tree so vLLM's handler and level apply.
 logger = logging.getLogger("vllm.tova_vllm")
+
+EXPERIMENTAL_CUDA_ENV = "TOVA_VLLM_EXPERIMENTAL_CUDA"
 
 
 class IncompatibleWithTova(Exception):
@@ -57,10 +60,12 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
 def _check_features(vllm_config) -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if current_platform.is_cuda():
+        _select_cuda_backend(vllm_config)
+    elif not current_platform.is_cpu():
         raise NotImplementedError(
-            "tova-vllm: this release runs TOVA on vLLM's CPU platform only; the CUDA "
-            "attention path (Triton scoring and compaction kernels) is not released yet"
+            "tova-vllm: TOVA runs on vLLM's CPU platform, and experimentally on CUDA; "
+            f"not on {current_platform.device_name}"
         )
     if vllm_config.speculative_config is not None:
         _reject("speculative decoding (its draft tokens would enter the eviction)")
@@ -103,3 +108,38 @@ def _check_model(vllm_config) -> None:
             f"tova-vllm: model {model.model!r} has {layer_kind}; TOVA supports decoder-only "
             "models whose layers all use full causal attention"
         )
+
+
+def _select_cuda_backend(vllm_config) -> None:
+    """Route attention to TOVA's FlashAttention subclass (registered as CUSTOM).
+
+    Experimental: that backend has never run inside vLLM (its kernels and eviction
+    mechanism are tested stand-alone), so it needs an explicit opt-in.
+    """
+    if os.environ.get(EXPERIMENTAL_CUDA_ENV) != "1":
+        raise NotImplementedError(
+            "tova-vllm: the CUDA path of TOVA is experimental: its Triton kernels are "
+            "tested on a GPU, but the attention backend has not been validated inside vLLM "
+            f"on CUDA yet. Set {EXPERIMENTAL_CUDA_ENV}=1 to try it, or use the CPU build"
+        )
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention = vllm_config.attention_config
+    chosen = attention.backend
+    if chosen not in (None, AttentionBackendEnum.FLASH_ATTN, AttentionBackendEnum.CUSTOM):
+        _reject(f"attention backend {chosen.name} (TOVA's CUDA path is built on FLASH_ATTN)")
+    from .. import CUDA_BACKEND
+
+    if AttentionBackendEnum.CUSTOM.get_path() != CUDA_BACKEND:
+        _reject(f"another plugin's CUSTOM attention backend "
+                f"({AttentionBackendEnum.CUSTOM.get_path()})")
+    attention.backend = AttentionBackendEnum.CUSTOM
+    # Only the V1 model runner's metadata path is wired; engine processes read this at
+    # start-up, after this check.
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        _reject("VLLM_USE_V2_MODEL_RUNNER=1 (TOVA's CUDA path is wired for the V1 model runner)")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    logger.warning(
+        "tova-vllm: EXPERIMENTAL CUDA path enabled (%s=1): FlashAttention backend with "
+        "TOVA eviction, V1 model runner", EXPERIMENTAL_CUDA_ENV,
+    )

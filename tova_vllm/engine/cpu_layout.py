@@ -181,7 +181,27 @@ def _scratch(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     for n in shape:
         numel *= n
     buffer = _SCRATCH.get(name)
-    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+    # A buffer made under inference mode (the engine) cannot be written outside it.
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or stale or buffer.dtype != dtype or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=dtype)
         _SCRATCH[name] = buffer
     return buffer[:numel].view(shape)
+
+
+def many_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.Tensor,
+                      block_offsets: torch.Tensor, queries: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """fp32 logits of several queries per row: ``queries`` ``[E, L, q_heads, D]`` ->
+    ``[E, kv_heads, group, L, S]``.
+
+    The L queries ride along as extra query heads of their KV group, so the block copy and
+    the matmul are the single-query ones.
+    """
+    rows, num_queries, q_heads, head_size = queries.shape
+    kv_heads = pages.shape[1]
+    group = q_heads // kv_heads
+    folded = (queries.view(rows, num_queries, kv_heads, group, head_size)
+              .permute(0, 2, 3, 1, 4).reshape(rows, kv_heads * group * num_queries, head_size))
+    logits = last_query_logits(pages, layout, block_ids, block_offsets, folded, scale)
+    return logits.view(rows, kv_heads, group, num_queries, -1)

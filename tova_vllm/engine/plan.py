@@ -40,7 +40,9 @@ class RequestStep:
 class EvictionBatch:
     """Rows that evict at the end of a phase; every tensor is indexed by eviction row."""
 
+    rows: torch.Tensor  # batch row of each eviction row
     query_index: torch.Tensor  # batch token index of the segment's last query
+    query_position: torch.Tensor  # [E] logical position of that query (the newest token)
     block_ids: torch.Tensor  # [E, S] physical block holding cache position s
     block_offsets: torch.Tensor  # [E, S] position of s inside that block
     live: torch.Tensor  # [E] cache positions in use before the eviction
@@ -57,8 +59,20 @@ class Phase:
     query_start_loc: torch.Tensor  # [len(rows) + 1], relative to the phase's tokens
     cache_lens: torch.Tensor  # [len(rows)] positions each row attends over
     slots: torch.Tensor  # [phase tokens] cache slot written by each token
+    positions: torch.Tensor  # [phase tokens] logical position of each token
     max_query_len: int
     evictions: Optional[EvictionBatch]
+
+
+@dataclass
+class QueryBatch:
+    """Some rows of a phase with *all* their queries, for policies that accumulate the
+    attention of every query (H2O).  Queries are padded to the longest row."""
+
+    query_index: torch.Tensor  # [E, Lmax] batch token index (padding repeats a real one)
+    visible: torch.Tensor  # [E, Lmax, S] bool: slot s is attended by query l
+    slot_ids: torch.Tensor  # [E, S] global cache slot of cache position s (padding: 0)
+    in_use: torch.Tensor  # [E, S] bool: cache position s is live after the phase's writes
 
 
 def plan_step(
@@ -85,8 +99,9 @@ def plan_step(
     phases: list[Phase] = []
     for k in range(num_phases):
         rows, token_index, cache_lens, slots_rows, slots_pos = [], [], [], [], []
+        token_positions = []
         query_start, max_query_len = [0], 0
-        evict_rows, evict_qidx, evict_live, evict_keep = [], [], [], []
+        evict_rows, evict_qidx, evict_qpos, evict_live, evict_keep = [], [], [], [], []
         for row, (req, segments) in enumerate(zip(requests, segments_per_row)):
             if k >= len(segments):
                 continue
@@ -100,11 +115,13 @@ def plan_step(
             cache_lens.append(live_before + length)
             slots_rows.extend([row] * length)
             slots_pos.extend(range(live_before, live_before + length))
+            token_positions.extend(range(seg_start, seg_end))
             query_start.append(query_start[-1] + length)
             max_query_len = max(max_query_len, length)
             if evicts:
                 evict_rows.append(row)
                 evict_qidx.append(first_token + length - 1)
+                evict_qpos.append(seg_end - 1)
                 evict_live.append(live_before + length)
                 evict_keep.append(req.cache_size)
         positions = torch.tensor(slots_pos, dtype=torch.long)
@@ -117,9 +134,11 @@ def plan_step(
                 query_start_loc=torch.tensor(query_start, dtype=torch.int32),
                 cache_lens=torch.tensor(cache_lens, dtype=torch.int32),
                 slots=slots,
+                positions=torch.tensor(token_positions, dtype=torch.long),
                 max_query_len=max_query_len,
                 evictions=_eviction_batch(
-                    evict_rows, evict_qidx, evict_live, evict_keep, block_table, block_size
+                    evict_rows, evict_qidx, evict_qpos, evict_live, evict_keep, block_table,
+                    block_size,
                 ),
             )
         )
@@ -144,7 +163,9 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
         padded = torch.where(positions.unsqueeze(0) < live.unsqueeze(1), positions, 0)
         keep_list = budget[evicting].tolist()
         evictions = EvictionBatch(
+            rows=evicting,
             query_index=evicting,
+            query_position=computed[evicting],
             block_ids=block_table[evicting.unsqueeze(1), padded // block_size],
             block_offsets=padded % block_size,
             live=live,
@@ -159,12 +180,13 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
         query_start_loc=torch.arange(len(requests) + 1, dtype=torch.int32),
         cache_lens=(live_before + 1).to(torch.int32),
         slots=slots,
+        positions=computed,
         max_query_len=1,
         evictions=evictions,
     )
 
 
-def _eviction_batch(rows, query_index, live, keep, block_table, block_size):
+def _eviction_batch(rows, query_index, query_position, live, keep, block_table, block_size):
     if not rows:
         return None
     width = max(live)
@@ -174,7 +196,9 @@ def _eviction_batch(rows, query_index, live, keep, block_table, block_size):
     padded = torch.where(positions.unsqueeze(0) < live_t.unsqueeze(1), positions, 0)
     row_ids = torch.tensor(rows, dtype=torch.long).unsqueeze(1)
     return EvictionBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
         query_index=torch.tensor(query_index, dtype=torch.long),
+        query_position=torch.tensor(query_position, dtype=torch.long),
         block_ids=block_table[row_ids, padded // block_size],
         block_offsets=padded % block_size,
         live=live_t,
@@ -183,3 +207,33 @@ def _eviction_batch(rows, query_index, live, keep, block_table, block_size):
         live_list=list(live),
         one_drop_each=all(lv == kp + 1 for lv, kp in zip(live, keep)),
     )
+
+
+def query_batch(phase: Phase, members: Sequence[int], block_table: torch.Tensor,
+                block_size: int) -> QueryBatch:
+    """Every query of the phase rows ``members`` (indices into ``phase.rows``) with the
+    cache positions each attends to: the row's cache before the phase, plus its own
+    segment up to and including the query (causal)."""
+    query_start = phase.query_start_loc.tolist()
+    lengths = [query_start[j + 1] - query_start[j] for j in members]
+    cache_lens = [int(phase.cache_lens[j]) for j in members]
+    longest, width = max(lengths), max(cache_lens)
+    local = torch.tensor(
+        [[query_start[j] + min(q, n - 1) for q in range(longest)] for j, n in zip(members, lengths)],
+        dtype=torch.long,
+    )
+    query_index = local if phase.token_index is None else phase.token_index[local]
+    length_t = torch.tensor(lengths, dtype=torch.long).view(-1, 1, 1)
+    cache_len_t = torch.tensor(cache_lens, dtype=torch.long).view(-1, 1, 1)
+    q = torch.arange(longest).view(1, -1, 1)
+    s = torch.arange(width).view(1, 1, -1)
+    # Query q of a row sees cache positions up to (cache_len - length) + q.
+    visible = (q < length_t) & (s <= cache_len_t - length_t + q)
+    positions = torch.arange(width)
+    in_use = positions.unsqueeze(0) < cache_len_t.view(-1, 1)
+    padded = torch.where(in_use, positions, 0)
+    row_ids = torch.tensor([phase.rows[j] for j in members], dtype=torch.long).unsqueeze(1)
+    table = block_table.to(torch.long)
+    slot_ids = table[row_ids, padded // block_size] * block_size + padded % block_size
+    return QueryBatch(query_index=query_index, visible=visible, slot_ids=slot_ids,
+                      in_use=in_use)

@@ -10,7 +10,7 @@ scheduler and worker block indices stay aligned, as sliding-window freeing does)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager

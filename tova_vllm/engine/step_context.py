@@ -11,7 +11,8 @@ import contextlib
 import threading
 from typing import Any, Iterator, Optional
 
-from ..config import request_cache_size
+from ..config import TovaSettings, resolve_request
+from ..policies import EvictionPolicy
 
 _local = threading.local()
 
@@ -30,8 +31,9 @@ def current_runner() -> Optional[Any]:
     return getattr(_local, "runner", None)
 
 
-def batch_rows(num_reqs: int, server_cache_size: int) -> tuple[list[int], list[int]]:
-    """Prompt length and TOVA budget of each of the batch's first ``num_reqs`` rows."""
+def batch_rows(num_reqs: int, settings: TovaSettings
+               ) -> tuple[list[int], list[int], list[EvictionPolicy]]:
+    """Prompt length, budget and eviction policy of each of the batch's first rows."""
     runner = current_runner()
     if runner is None:
         raise RuntimeError(
@@ -39,11 +41,11 @@ def batch_rows(num_reqs: int, server_cache_size: int) -> tuple[list[int], list[i
             "_build_attention_metadata, so the batch's prompt lengths are unknown"
         )
     batch = runner.input_batch
-    budgets = [
-        request_cache_size(
-            getattr(runner.requests[req_id].sampling_params, "extra_args", None),
-            server_cache_size,
-        )
-        for req_id in batch.req_ids[:num_reqs]
-    ]
-    return batch.num_prompt_tokens[:num_reqs].tolist(), budgets
+    budgets, policies = [], []
+    for req_id in batch.req_ids[:num_reqs]:
+        # Validated when the request entered the engine (input_processor_validates_budget).
+        extra_args = getattr(runner.requests[req_id].sampling_params, "extra_args", None)
+        budget, policy = resolve_request(extra_args, settings)
+        budgets.append(budget)
+        policies.append(policy)
+    return batch.num_prompt_tokens[:num_reqs].tolist(), budgets, policies

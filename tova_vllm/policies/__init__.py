@@ -4,11 +4,21 @@ Pure torch, no vLLM import: the engine and the plain-PyTorch reference both call
 functions, so the policy is tested once and shared.
 """
 
+from .eviction import (
+    DEFAULT_SINKS,
+    POLICY_NAMES,
+    EvictionPolicy,
+    accumulated_from_logits,
+)
 from .schedule import EvictionSchedule, cdiv
 from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
 from .selection import compaction_moves, slot_to_drop, slots_to_keep
 
 __all__ = [
+    "DEFAULT_SINKS",
+    "POLICY_NAMES",
+    "EvictionPolicy",
+    "accumulated_from_logits",
     "EvictionSchedule",
     "cdiv",
     "compaction_moves",

@@ -1,0 +1,892 @@
+#!/usr/bin/env python3
+"""Quality study: what a bounded KV cache costs a model, per eviction policy and budget.
+
+Runs on any Hugging Face Llama-family checkpoint with full attention (Llama, Mistral,
+Qwen2, Qwen3), through the plain-PyTorch reference (``tova_vllm.reference``) or, for the
+perplexity part, inside vLLM itself (``--backend vllm``/``both``).
+
+1. **Perplexity vs budget** (the paper's language-modelling setting).  A long text (by
+   default a deterministic concatenation of Python standard-library sources: the held-out
+   validation files of ``scripts/train_byte_llama.py`` (its ``corpus_files()`` filtered by
+   ``is_val()``) when that script is there, otherwise sorted stdlib paths taken with a
+   fixed stride; files joined by the EOS token; or ``--text-file``) is tokenized (no
+   special tokens, except the tokenizer's BOS in front of every window when it has one)
+   and cut into ``--num-windows`` non-overlapping windows of ``--length`` N
+   tokens.  Every window streams through the model one token at a time; after each token
+   every layer evicts down to C tokens with the policy (the decode rule applied to every
+   token: ``teacher_forced_logprobs(..., prompt_chunk=1)``).  Reported: perplexity =
+   exp(mean NLL over every scored token of every window), and bits per byte for
+   byte-level tokenizers.  C = N (full) evicts nothing, so it is computed once for all
+   policies and checked against a plain Hugging Face forward pass on the first window.
+
+2. **Retrieval probe.**  A prompt of ``--probe-length`` tokens of Python assignments
+   ``k_qzw = 48213`` (random keys and 5-digit values, seeded) ends in ``assert k_qzw ==``;
+   the model must greedily produce the value's tokens (exact match).  The prompt streams in
+   ``chunked`` mode (eviction every ``--probe-chunk`` tokens), so eviction happens while
+   the list is read.  The queried key's depth is spread uniformly over the list.  If the
+   model cannot retrieve at full cache, the probe measures nothing and the output says so.
+
+Output (``--out``, default ``build/quality``): ``results.json`` (every number, the
+settings, the model path, wall time), ``results.md`` (markdown tables and the command line)
+and ``quality.png`` (needs matplotlib; skipped with a warning without it).  Progress bars
+need tqdm (plain prints otherwise).  Both come with the ``eval`` extra:
+``pip install -e ".[eval]"``.
+
+Examples::
+
+    python3 scripts/eval_quality.py --model PATH                      # full study
+    python3 scripts/eval_quality.py --model PATH --quick              # smoke test
+    python3 scripts/eval_quality.py --model PATH --backend both \\
+        --policies tova,window --budgets 1/8,1/4,full                  # engine == reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import random
+import shlex
+import string
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+POLICIES = ("tova", "window", "sink_window", "h2o")
+DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2,full"
+QUICK = dict(num_windows=1, length=128, num_probes=4, probe_length=128)
+DEFAULTS = dict(num_windows=4, length=1024, num_probes=20, probe_length=512)
+TRAINER = REPO / "scripts" / "train_byte_llama.py"
+# Names under which scripts/train_byte_llama.py may expose its held-out split.
+_SPLIT_FUNCTIONS = (
+    "validation_files", "val_files", "heldout_files", "held_out_files", "holdout_files",
+    "eval_files", "validation_split", "split_files", "train_val_split", "stdlib_split",
+)
+
+
+# --------------------------------------------------------------------------- arguments
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Budgets: comma-separated; 'full', a fraction ('1/16', '0.25') of the "
+        "length, or an absolute token count ('64').",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model directory or id")
+    p.add_argument("--backend", choices=("reference", "vllm", "both"), default="reference",
+                   help="where perplexity is computed (the probe always uses the reference)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma-separated subset of {','.join(POLICIES)}")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS,
+                   help=f"cache sizes for perplexity, relative to --length (default "
+                   f"{DEFAULT_BUDGETS})")
+    p.add_argument("--probe-budgets", default=None,
+                   help="cache sizes for the probe, relative to --probe-length "
+                   "(default: same as --budgets)")
+    p.add_argument("--sinks", type=int, default=4, help="sink_window: first tokens kept")
+    p.add_argument("--recent", type=int, default=None,
+                   help="h2o: most recent tokens kept (default: half the budget)")
+    p.add_argument("--text-file", type=Path, default=None,
+                   help="text for perplexity (default: Python stdlib sources)")
+    p.add_argument("--num-windows", type=int, default=None, help="default 4 (quick: 1)")
+    p.add_argument("--length", type=int, default=None, help="N tokens/window, default 1024 "
+                   "(quick: 128)")
+    p.add_argument("--num-probes", type=int, default=None, help="default 20 (quick: 4)")
+    p.add_argument("--probe-length", type=int, default=None,
+                   help="probe prompt tokens, about; default 512 (quick: 128)")
+    p.add_argument("--probe-chunk", type=int, default=16,
+                   help="eviction period while the probe prompt streams in")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 window of 128 tokens, 4 probes of 128 tokens")
+    p.add_argument("--skip-ppl", action="store_true", help="no perplexity study")
+    p.add_argument("--skip-probe", action="store_true", help="no retrieval probe")
+    p.add_argument("--save-token-nll", action="store_true",
+                   help="also store every token's NLL in results.json")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="--backend vllm: KV cache pool in GiB (default on CPU: 1; on GPU: "
+                   "vLLM's memory-utilization default)")
+    p.add_argument("--sanity-tol", type=float, default=None,
+                   help="max |logprob| difference, full budget vs plain HF forward "
+                   "(default 2e-3 in float32, 0.1 otherwise)")
+    p.add_argument("--out", type=Path, default=REPO / "build" / "quality")
+    args = p.parse_args(argv)
+
+    if Path(args.model).exists():  # a local checkpoint: never ask the hub
+        args.model = str(Path(args.model).resolve())
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    bad = [x for x in args.policies if x not in POLICIES]
+    if bad or not args.policies:
+        p.error(f"--policies: unknown {bad}; choose from {list(POLICIES)}")
+    if args.probe_budgets is None:
+        args.probe_budgets = args.budgets
+    if args.length < 2 or args.num_windows < 1:
+        p.error("--length must be >= 2 and --num-windows >= 1")
+    if args.probe_length < 16 or args.num_probes < 1:
+        p.error("--probe-length must be >= 16 and --num-probes >= 1")
+    try:
+        parse_budgets(args.budgets, args.length)
+        parse_budgets(args.probe_budgets, args.probe_length)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+@dataclass(frozen=True)
+class Budget:
+    label: str       # as the user wrote it ("1/16", "64", "full")
+    cache_size: int  # C (for "full": the length)
+    full: bool
+
+    def fraction(self, length: int) -> float:
+        return self.cache_size / length
+
+
+def parse_budgets(spec: str, length: int) -> list[Budget]:
+    """``"1/16,0.25,64,full"`` -> budgets sorted by size; duplicates merged; ``full`` (or
+    any size >= ``length``) evicts nothing and is always included."""
+    out: dict[int, Budget] = {}
+    for raw in (x.strip() for x in spec.split(",")):
+        if not raw:
+            continue
+        if raw == "full":
+            size = length
+        elif "/" in raw or "." in raw:
+            try:
+                if "/" in raw:
+                    num, den = raw.split("/")
+                    frac = float(num) / float(den)
+                else:
+                    frac = float(raw)
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"bad budget {raw!r}") from None
+            if not 0 < frac <= 1:
+                raise ValueError(f"budget fraction must be in (0, 1], got {raw!r}")
+            size = max(1, round(frac * length))
+        else:
+            try:
+                size = int(raw)
+            except ValueError:
+                raise ValueError(f"bad budget {raw!r}") from None
+            if size < 1:
+                raise ValueError(f"budget must be >= 1, got {raw!r}")
+        size = min(size, length)
+        full = size >= length
+        out.setdefault(size, Budget("full" if full else raw, size, full))
+    out.setdefault(length, Budget("full", length, True))
+    return [out[k] for k in sorted(out)]
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """tqdm when installed, otherwise a line every ~5% of the work."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = total, desc, 0
+        self._next_print = 0.0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+            print(f"[{desc}] 0/{total}", flush=True)
+        else:
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+    def note(self, text: str) -> None:
+        """Progress inside one item (callers throttle it)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def update(self, text: str = "") -> None:
+        self.done += 1
+        if self.bar is not None:
+            if text:
+                self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif self.done >= self._next_print or self.done == self.total:
+            print(f"[{self.desc}] {self.done}/{self.total} {text}", flush=True)
+            self._next_print = self.done + max(1, self.total // 20)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- text
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """Sorted ``.py`` files of the standard library (installed packages and the test
+    suites excluded, as ``scripts/train_byte_llama.py`` does)."""
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
+    files = [
+        path for path in root.rglob("*.py")
+        if not skip.intersection(path.relative_to(root).parts[:-1]) and path.is_file()
+    ]
+    return root, sorted(files, key=lambda x: x.relative_to(root).as_posix())
+
+
+def _import_trainer():
+    spec = importlib.util.spec_from_file_location("_train_byte_llama", TRAINER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(TRAINER.parent))  # its sibling modules (byte_tokenizer)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    finally:
+        sys.path.remove(str(TRAINER.parent))
+    return module
+
+
+def _trainer_heldout_files() -> tuple[Optional[Path], Optional[list[Path]], str]:
+    """The held-out validation files of ``scripts/train_byte_llama.py``: through its
+    ``corpus_files()`` -> ``(root, sorted files)`` and ``is_val(relative posix path)``, or
+    a function named in ``_SPLIT_FUNCTIONS`` (no argument) returning the files, or
+    ``(train, val)``."""
+    if not TRAINER.exists():
+        return None, None, f"{TRAINER.name} not found"
+    try:
+        module = _import_trainer()
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no split
+        return None, None, f"{TRAINER.name} did not import ({type(exc).__name__}: {exc})"
+    corpus, is_val = getattr(module, "corpus_files", None), getattr(module, "is_val", None)
+    if callable(corpus) and callable(is_val):
+        try:
+            root, files = corpus()
+            root = Path(root)
+            val = [Path(f) for f in files if is_val(Path(f).relative_to(root).as_posix())]
+        except Exception as exc:  # noqa: BLE001
+            return None, None, f"{TRAINER.name}: corpus_files/is_val failed ({exc})"
+        if val:
+            return root, val, f"{TRAINER.name}: corpus_files() filtered by is_val()"
+    for name in _SPLIT_FUNCTIONS:
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            continue
+        try:
+            result = fn()
+        except Exception:  # noqa: BLE001 - wrong signature or failure: try the next
+            continue
+        if (isinstance(result, tuple) and len(result) == 2
+                and all(isinstance(part, (list, tuple)) for part in result)):
+            result = result[1]
+        files = [Path(f) for f in result or () if Path(f).is_absolute() and Path(f).is_file()]
+        if files:
+            return None, files, f"{TRAINER.name}: {name}()"
+    return None, None, f"{TRAINER.name} exposes no validation split"
+
+
+def default_text_files() -> tuple[Path, list[Path], str]:
+    root, files = stdlib_files()
+    val_root, heldout, why = _trainer_heldout_files()
+    if heldout is not None:
+        return val_root or root, heldout, f"held-out validation files ({why})"
+    # Fixed stride through the sorted list: deterministic for a given Python version, and
+    # spread over the whole library rather than the first few modules.
+    stride, offset = 37, 11
+    picked = files[offset::stride] + [f for i, f in enumerate(files) if i % stride != offset]
+    return root, picked, f"sorted stdlib .py files, stride {stride} from {offset} ({why})"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def load_token_stream(tokenizer, args, needed: int) -> tuple[list[int], dict]:
+    """Token ids (no special tokens but file separators) of the evaluation text, at least
+    ``needed`` long."""
+    if args.text_file is not None:
+        text = args.text_file.read_text(encoding="utf-8", errors="replace")
+        ids = _encode(tokenizer, text)
+        info = {"source": str(args.text_file), "chars": len(text)}
+        if len(ids) < needed:
+            raise SystemExit(f"--text-file has {len(ids)} tokens; {needed} are needed "
+                             "(lower --num-windows or --length)")
+        return ids, info
+    root, files, how = default_text_files()
+    # Files are tokenized one by one and joined by the EOS token when the tokenizer has
+    # one (the byte-level trainer's stream format), else by a blank line.
+    eos = tokenizer.eos_token_id
+    separator = [eos] if eos is not None else _encode(tokenizer, "\n\n")
+    ids: list[int] = []
+    used: list[str] = []
+    for path in files:
+        try:
+            body = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not body.strip():
+            continue
+        ids += _encode(tokenizer, body) + separator
+        used.append(path.relative_to(root).as_posix() if path.is_relative_to(root)
+                    else str(path))
+        if len(ids) >= needed:
+            break
+    if len(ids) < needed:
+        raise SystemExit(f"the default text has only {len(ids)} tokens; {needed} needed")
+    info = {"source": how, "stdlib": str(root), "python": sys.version.split()[0],
+            "files": used, "separator": separator}
+    return ids, info
+
+
+def make_windows(ids: list[int], num: int, length: int, bos: Optional[int]) -> list[list[int]]:
+    """``num`` non-overlapping windows of ``length`` tokens (BOS first when given)."""
+    body = length - (bos is not None)
+    windows = []
+    for w in range(num):
+        chunk = ids[w * body:(w + 1) * body]
+        windows.append(([bos] if bos is not None else []) + chunk)
+    return windows
+
+
+def is_byte_level(tokenizer) -> bool:
+    """At most 256 non-special tokens: one token per byte."""
+    return len(tokenizer) - len(set(tokenizer.all_special_ids)) <= 256
+
+
+# --------------------------------------------------------------------------- perplexity
+
+def _policy(name: str, args):
+    from tova_vllm.policies import EvictionPolicy
+
+    return EvictionPolicy(name, sinks=args.sinks, recent=args.recent)
+
+
+def _budget_error(name: str, budget: Budget, args) -> Optional[str]:
+    if budget.full:
+        return None
+    try:
+        _policy(name, args).check_budget(budget.cache_size)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def hf_logprobs(model, ids: list[int], attention_mask=None):
+    """Plain Hugging Face forward: ``log p(token i+1 | tokens <= i)``, fp32 on CPU."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    tokens = torch.tensor([ids], device=device)
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+    with torch.no_grad():
+        logits = model(tokens, **kwargs).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)[:-1]
+    return logprobs.gather(1, tokens[0, 1:].unsqueeze(1))[:, 0].cpu()
+
+
+def ppl_reference(model, windows, policies, budgets, args, cell_done: Callable) -> dict:
+    """Per-token NLL lists ``{(policy, C): [per-window fp32 tensor]}``.
+
+    The full budget evicts nothing, so it is computed once (key ``("*", N)``)."""
+    from tova_vllm.reference import teacher_forced_logprobs
+
+    out = {}
+    length = len(windows[0])
+    for budget in budgets:
+        names = ["*"] if budget.full else policies
+        for name in names:
+            if name != "*" and _budget_error(name, budget, args):
+                continue
+            policy = _policy("tova" if name == "*" else name, args)
+            per_window = []
+            for w, ids in enumerate(windows):
+                label = f"{name if name != '*' else 'full'} C={budget.cache_size} w{w}"
+                step = max(1, length // 16)
+
+                def progress(n, label=label, step=step):
+                    if n % step == 0 or n == length:
+                        cell_done.note(f"{label} tok {n}/{length}")
+
+                lp = teacher_forced_logprobs(model, ids, cache_size=budget.cache_size,
+                                             policy=policy, prompt_chunk=1, progress=progress)
+                per_window.append(-lp.double())
+                cell_done.update(label)
+            out[(name, budget.cache_size)] = per_window
+    return out
+
+
+def ppl_vllm(model_path: str, windows, policies, budgets, args) -> dict:
+    """The same per-token NLL, from vLLM's prompt logprobs under the TOVA plugin: one
+    request per (policy, budget, window), with ``max_tokens=1`` and ``prompt_logprobs=0``;
+    the server's budget is N and each request lowers it (``tova_cache_size``) and names
+    its policy (``tova_policy``).  Sinks / recent are server settings."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    length = len(windows[0])
+    tova = {"cache_size": length, "prompt_mode": "chunked", "prompt_chunk": 1,
+            "sinks": args.sinks}
+    if args.recent is not None:
+        tova["recent"] = args.recent
+    kv_gib = args.kv_cache_gib
+    if kv_gib is None and not torch.cuda.is_available():
+        # vLLM's CPU default reserves 92% of the machine's memory up front (and refuses to
+        # start when that much is not free); a fixed pool is plenty for N-token requests.
+        kv_gib = 1.0
+    extra = {} if kv_gib is None else {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
+    llm = LLM(model=model_path, dtype=args.dtype, max_model_len=length + 1,
+              enforce_eager=True, enable_prefix_caching=False, seed=args.seed,
+              additional_config={"tova": tova}, **extra)
+    try:
+        keys, prompts, params = [], [], []
+        for budget in budgets:
+            names = ["*"] if budget.full else policies
+            for name in names:
+                if name != "*" and _budget_error(name, budget, args):
+                    continue
+                for w, ids in enumerate(windows):
+                    request_args = {"tova_cache_size": budget.cache_size,
+                                    "tova_policy": "tova" if name == "*" else name}
+                    keys.append((name, budget.cache_size, w))
+                    prompts.append({"prompt_token_ids": list(ids)})
+                    params.append(SamplingParams(max_tokens=1, temperature=0.0,
+                                                 prompt_logprobs=0,
+                                                 extra_args=request_args))
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        out: dict = {}
+        for (name, size, w), request, ids in zip(keys, outputs, (p["prompt_token_ids"]
+                                                                 for p in prompts)):
+            entries = request.prompt_logprobs
+            assert entries[0] is None and len(entries) == len(ids)
+            nll = [-entries[i][ids[i]].logprob for i in range(1, len(ids))]
+            out.setdefault((name, size), [None] * len(windows))[w] = torch.tensor(
+                nll, dtype=torch.float64)
+        return out
+    finally:
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def summarize_ppl(nll: dict, windows, policies, budgets, args, byte_level: bool,
+                  save_tokens: bool) -> dict:
+    """Perplexity per (policy, budget); the full budget is shared by every policy."""
+    length = len(windows[0])
+    table: dict[str, dict[str, Any]] = {}
+    for name in policies:
+        row = {}
+        for budget in budgets:
+            key = ("*", budget.cache_size) if budget.full else (name, budget.cache_size)
+            cell: dict[str, Any] = {"cache_size": budget.cache_size, "label": budget.label,
+                                    "fraction": budget.fraction(length),
+                                    "shared_full": budget.full}
+            if key not in nll:
+                cell.update(perplexity=None, error=_budget_error(name, budget, args))
+            else:
+                per_window = nll[key]
+                total = sum(float(t.sum()) for t in per_window)
+                count = sum(t.numel() for t in per_window)
+                mean = total / count
+                cell.update(
+                    perplexity=math.exp(mean), mean_nll=mean, tokens=count,
+                    window_perplexity=[math.exp(float(t.mean())) for t in per_window],
+                )
+                if byte_level:
+                    cell["bits_per_byte"] = mean / math.log(2)
+                if save_tokens:
+                    cell["token_nll"] = [[float(x) for x in t] for t in per_window]
+            row[str(budget.cache_size)] = cell
+        table[name] = row
+    return table
+
+
+# --------------------------------------------------------------------------- probe
+
+def _split_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and ``answer`` as they appear in ``prompt + answer``."""
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if full[:len(head)] == head and len(full) > len(head):
+        return head, full[len(head):]
+    # The tokenizer merged across the boundary: cut before the first token that reaches
+    # into the answer (offsets need a fast tokenizer).
+    enc = tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
+    cut = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(prompt))
+    return full[:cut], full[cut:]
+
+
+def build_probes(tokenizer, args) -> list[dict]:
+    bos = tokenizer.bos_token_id
+    rng = random.Random(args.seed)
+
+    def line(key: str, value: str) -> str:
+        return f"{key} = {value}\n"
+
+    def new_key(taken: set) -> str:
+        while True:
+            key = "k_" + "".join(rng.choice(string.ascii_lowercase) for _ in range(3))
+            if key not in taken:
+                taken.add(key)
+                return key
+
+    sample_keys: set = set()
+    sample = "".join(line(new_key(sample_keys), str(rng.randrange(10000, 100000)))
+                     for _ in range(32))
+    per_line = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 32
+    query_tokens = len(tokenizer("assert k_abc == 12345", add_special_tokens=False)
+                       ["input_ids"]) + (bos is not None)
+    num_pairs = max(2, int((args.probe_length - query_tokens) / per_line))
+
+    probes = []
+    for i in range(args.num_probes):
+        prng = random.Random(f"{args.seed}-probe-{i}")
+        taken: set = set()
+        keys = []
+        while len(keys) < num_pairs:
+            key = "k_" + "".join(prng.choice(string.ascii_lowercase) for _ in range(3))
+            if key not in taken:
+                taken.add(key)
+                keys.append(key)
+        values = [str(prng.randrange(10000, 100000)) for _ in keys]
+        index = min(num_pairs - 1, int((i + 0.5) / args.num_probes * num_pairs))
+        text = "".join(line(k, v) for k, v in zip(keys, values))
+        prompt_text = text + f"assert {keys[index]} =="
+        prompt_ids, answer_ids = _split_prompt_answer(tokenizer, prompt_text,
+                                                      " " + values[index])
+        if bos is not None:
+            prompt_ids = [bos] + prompt_ids
+        probes.append({
+            "key": keys[index], "value": values[index], "pairs": num_pairs,
+            "index": index, "depth": index / max(1, num_pairs - 1),
+            "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+        })
+    return probes
+
+
+def run_probes(model, tokenizer, probes, policies, budgets, args, bar: Progress) -> dict:
+    from tova_vllm.reference import generate
+
+    results = {}
+    for budget in budgets:
+        names = ["*"] if budget.full else policies
+        for name in names:
+            if name != "*" and _budget_error(name, budget, args):
+                continue
+            policy = _policy("tova" if name == "*" else name, args)
+            correct, outputs = [], []
+            for i, probe in enumerate(probes):
+                prompt, answer = probe["prompt_ids"], probe["answer_ids"]
+                # Full: large enough that nothing is ever evicted.
+                size = len(prompt) + len(answer) if budget.full else budget.cache_size
+                out = generate(model, prompt, cache_size=size, max_new_tokens=len(answer),
+                               prompt_mode="chunked", prompt_chunk=args.probe_chunk,
+                               policy=policy)
+                correct.append(out.token_ids == answer)
+                outputs.append(tokenizer.decode(out.token_ids))
+                bar.update(f"{'full' if name == '*' else name} C={budget.cache_size} p{i}")
+            results[(name, budget.cache_size)] = {"correct": correct, "outputs": outputs}
+    return results
+
+
+def summarize_probes(raw: dict, probes, policies, budgets, args) -> dict:
+    table: dict[str, dict[str, Any]] = {}
+    for name in policies:
+        row = {}
+        for budget in budgets:
+            key = ("*", budget.cache_size) if budget.full else (name, budget.cache_size)
+            cell: dict[str, Any] = {"cache_size": budget.cache_size, "label": budget.label,
+                                    "fraction": budget.fraction(args.probe_length),
+                                    "shared_full": budget.full}
+            if key not in raw:
+                cell.update(accuracy=None, error=_budget_error(name, budget, args))
+            else:
+                correct = raw[key]["correct"]
+                cell.update(accuracy=sum(correct) / len(correct), correct=correct,
+                            outputs=raw[key]["outputs"])
+            row[str(budget.cache_size)] = cell
+        table[name] = row
+    return table
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _header(budgets: list[Budget]) -> str:
+    cols = []
+    for b in budgets:
+        if b.full:
+            cols.append(f"full (C={b.cache_size})")
+        elif b.label.isdigit():
+            cols.append(f"C={b.cache_size}")
+        else:
+            cols.append(f"C={b.cache_size} ({b.label})")
+    return "| policy | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+
+
+def markdown_tables(results: dict) -> str:
+    parts = []
+    ppl = results.get("perplexity")
+    if ppl:
+        length = results["settings"]["length"]
+        budgets = [Budget(**b) for b in ppl["budgets"]]
+        for backend, table in ppl["tables"].items():
+            parts.append(f"### Perplexity ({backend}; {ppl['windows']} x {length} tokens, "
+                         f"{ppl['scored_tokens']} scored)\n")
+            parts.append(_header(budgets))
+            for name, row in table.items():
+                cells = [("n/a" if c["perplexity"] is None else f"{c['perplexity']:.4g}")
+                         for c in row.values()]
+                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
+            if ppl["byte_level"]:
+                parts.append(f"\nBits per byte ({backend}):\n\n")
+                parts.append(_header(budgets))
+                for name, row in table.items():
+                    cells = [("n/a" if c["perplexity"] is None else f"{c['bits_per_byte']:.4f}")
+                             for c in row.values()]
+                    parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
+            parts.append("\n")
+        if "engine_vs_reference" in ppl:
+            diff = ppl["engine_vs_reference"]
+            parts.append(f"vLLM vs reference: max |per-token NLL difference| = "
+                         f"{diff['max_abs_token_nll_diff']:.3g}, max relative perplexity "
+                         f"difference = {diff['max_rel_ppl_diff']:.3g}\n\n")
+        s = ppl["sanity"]
+        parts.append(f"Sanity: full budget vs plain Hugging Face forward on window 0: max "
+                     f"|logprob difference| = {s['max_abs_diff']:.3g} (tolerance "
+                     f"{s['tolerance']:.3g}).\n\n")
+    probe = results.get("retrieval")
+    if probe:
+        budgets = [Budget(**b) for b in probe["budgets"]]
+        parts.append(f"### Retrieval accuracy ({probe['num_probes']} probes of ~"
+                     f"{probe['mean_prompt_tokens']:.0f} tokens, {probe['pairs']} key-value "
+                     f"pairs, prompt chunk {probe['chunk']})\n\n")
+        parts.append(_header(budgets))
+        for name, row in probe["table"].items():
+            cells = []
+            for c in row.values():
+                if c["accuracy"] is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{c['accuracy']:.2f} ({sum(c['correct'])}/{len(c['correct'])})")
+            parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
+        parts.append("\n")
+        if probe["full_accuracy"] == 0:
+            parts.append("**Warning: the model retrieves nothing even with a full cache; "
+                         "the probe measures nothing for this model.**\n\n")
+        elif probe["full_accuracy"] < 0.5:
+            parts.append(f"**Warning: full-cache accuracy is only "
+                         f"{probe['full_accuracy']:.2f}; the probe says little for this "
+                         "model.**\n\n")
+    return "".join(parts)
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("warning: matplotlib is not installed; no quality.png "
+              "(pip install -e '.[eval]')", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ppl = results.get("perplexity")
+    if ppl:
+        backend = "reference" if "reference" in ppl["tables"] else next(iter(ppl["tables"]))
+        values = []
+        for name, row in ppl["tables"][backend].items():
+            pts = [(c["fraction"], c["perplexity"]) for c in row.values()
+                   if c["perplexity"] is not None]
+            values += [v for _, v in pts]
+            left.plot(*zip(*pts), marker="o", label=name)
+        left.set_xscale("log", base=2)
+        if values and max(values) / min(values) > 20:
+            left.set_yscale("log")
+        left.set_xlabel("cache budget C / N")
+        left.set_ylabel("perplexity")
+        left.set_title(f"Perplexity ({backend}, N={results['settings']['length']})")
+        left.grid(True, which="both", alpha=0.3)
+        left.legend()
+    else:
+        left.set_axis_off()
+    probe = results.get("retrieval")
+    if probe:
+        for name, row in probe["table"].items():
+            pts = [(c["fraction"], c["accuracy"]) for c in row.values()
+                   if c["accuracy"] is not None]
+            right.plot(*zip(*pts), marker="o", label=name)
+        right.set_xscale("log", base=2)
+        right.set_ylim(-0.05, 1.05)
+        right.set_xlabel("cache budget C / probe length")
+        right.set_ylabel("exact-match accuracy")
+        right.set_title(f"Key-value retrieval (~{probe['probe_length']} tokens)")
+        right.grid(True, which="both", alpha=0.3)
+        right.legend()
+    else:
+        right.set_axis_off()
+    fig.suptitle(Path(results["model"]).name or results["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- main
+
+def _load_model(path: str, args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation="eager")
+    return model.to(args.device).eval()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    started = time.time()
+    args = parse_args(argv)
+    command = "python3 scripts/eval_quality.py " + shlex.join(
+        list(argv) if argv is not None else sys.argv[1:])
+
+    import torch
+    from transformers import AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    bos = tokenizer.bos_token_id
+    byte_level = is_byte_level(tokenizer)
+    model_path = args.model
+    results: dict[str, Any] = {
+        "model": model_path,
+        "command": command,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tokenizer": {"bos_token_id": bos, "vocab": len(tokenizer), "byte_level": byte_level},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model = None
+    if not args.skip_ppl:
+        budgets = parse_budgets(args.budgets, args.length)
+        body = args.length - (bos is not None)
+        stream, text_info = load_token_stream(tokenizer, args, body * args.num_windows)
+        windows = make_windows(stream, args.num_windows, args.length, bos)
+        nlls: dict[str, dict] = {}
+        if args.backend in ("vllm", "both"):
+            print(f"vLLM: {len(windows)} windows x {len(budgets)} budgets", flush=True)
+            nlls["vllm"] = ppl_vllm(model_path, windows, args.policies, budgets, args)
+        model = _load_model(model_path, args)
+        if args.backend in ("reference", "both"):
+            cells = sum(
+                1 for b in budgets for n in (["*"] if b.full else args.policies)
+                if n == "*" or not _budget_error(n, b, args)
+            ) * len(windows)
+            bar = Progress(cells, "perplexity")
+            nlls["reference"] = ppl_reference(model, windows, args.policies, budgets, args,
+                                              bar)
+            bar.close()
+
+        # Sanity: the full budget evicts nothing and must equal a plain forward pass.
+        tol = args.sanity_tol or (2e-3 if args.dtype == "float32" else 0.1)
+        plain = hf_logprobs(model, windows[0]).double()
+        sanity = {"tolerance": tol, "max_abs_diff": 0.0}
+        for backend, table in nlls.items():
+            full = table[("*", args.length)][0]
+            diff = float((full + plain).abs().max())  # full holds NLL = -logprob
+            sanity[f"max_abs_diff_{backend}"] = diff
+            sanity["max_abs_diff"] = max(sanity["max_abs_diff"], diff)
+        assert sanity["max_abs_diff"] <= tol, (
+            f"full-budget logprobs differ from a plain Hugging Face forward by "
+            f"{sanity['max_abs_diff']:.3g} > {tol:.3g}")
+
+        ppl: dict[str, Any] = {
+            "budgets": [vars(b) for b in budgets],
+            "windows": len(windows),
+            "scored_tokens": len(windows) * (args.length - 1),
+            "byte_level": byte_level,
+            "text": text_info,
+            "window_token_ids": windows,
+            "sanity": sanity,
+            "tables": {backend: summarize_ppl(table, windows, args.policies, budgets, args,
+                                              byte_level, args.save_token_nll)
+                       for backend, table in nlls.items()},
+        }
+        if len(nlls) == 2:
+            token_diff, rel = 0.0, 0.0
+            for key, ref in nlls["reference"].items():
+                eng = nlls["vllm"][key]
+                token_diff = max(token_diff, max(float((a - b).abs().max())
+                                                 for a, b in zip(ref, eng)))
+                r = sum(float(t.sum()) for t in ref) / sum(t.numel() for t in ref)
+                e = sum(float(t.sum()) for t in eng) / sum(t.numel() for t in eng)
+                rel = max(rel, abs(math.exp(e - r) - 1))
+            ppl["engine_vs_reference"] = {"max_abs_token_nll_diff": token_diff,
+                                          "max_rel_ppl_diff": rel}
+        results["perplexity"] = ppl
+
+    if not args.skip_probe:
+        if model is None:
+            model = _load_model(model_path, args)
+        budgets = parse_budgets(args.probe_budgets, args.probe_length)
+        probes = build_probes(tokenizer, args)
+        cells = sum(1 for b in budgets for n in (["*"] if b.full else args.policies)
+                    if n == "*" or not _budget_error(n, b, args)) * len(probes)
+        bar = Progress(cells, "retrieval")
+        raw = run_probes(model, tokenizer, probes, args.policies, budgets, args, bar)
+        bar.close()
+        table = summarize_probes(raw, probes, args.policies, budgets, args)
+        full_acc = next(iter(table.values()))[str(args.probe_length)]["accuracy"]
+        results["retrieval"] = {
+            "budgets": [vars(b) for b in budgets],
+            "probe_length": args.probe_length,
+            "num_probes": len(probes),
+            "chunk": args.probe_chunk,
+            "pairs": probes[0]["pairs"],
+            "mean_prompt_tokens": sum(len(p["prompt_ids"]) for p in probes) / len(probes),
+            "full_accuracy": full_acc,
+            "probes": [{k: p[k] for k in ("key", "value", "index", "depth")}
+                       | {"prompt_tokens": len(p["prompt_ids"]),
+                          "answer_ids": p["answer_ids"]} for p in probes],
+            "table": table,
+        }
+
+    results["wall_time_s"] = time.time() - started
+    tables = markdown_tables(results)
+    print()
+    print(tables)
+    if results.get("retrieval") and results["retrieval"]["full_accuracy"] == 0:
+        print("NOTE: full-cache retrieval accuracy is 0: this model cannot do the probe, "
+              "so the probe measures nothing here.")
+    md = (f"# KV-cache eviction quality: `{model_path}`\n\n"
+          f"Command:\n\n```\n{command}\n```\n\n{tables}"
+          f"Wall time: {results['wall_time_s']:.1f} s.\n")
+    (args.out / "results.md").write_text(md)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    wrote = ["results.json", "results.md"]
+    if plot(results, args.out / "quality.png"):
+        wrote.append("quality.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in wrote)} "
+          f"({results['wall_time_s']:.1f} s)")
+    return results
+
+
+if __name__ == "__main__":  # vLLM spawns processes
+    main()

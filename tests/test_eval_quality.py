@@ -1,0 +1,154 @@
+"""scripts/eval_quality.py on a tiny model: the files it writes, and its numbers against
+independent Hugging Face computations.
+
+* Full budget: exp(mean NLL) of a plain forward pass over the same windows.
+* ``window`` at budget C, one eviction per token: query t sees positions [t - C, t] (the new
+  token joins C cached ones, attends, then the oldest is dropped), in every layer; that is
+  a plain forward pass with a banded 4-D attention mask.  ``sink_window`` adds the first
+  ``sinks`` positions to the band.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "eval_quality.py"
+LENGTH, WINDOWS, SINKS = 48, 2, 4
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("eval_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    script = _load_script()
+    start = time.monotonic()
+    results = script.main([
+        "--model", str(tiny_models["llama_gqa"]), "--quick", "--length", str(LENGTH),
+        "--num-windows", str(WINDOWS), "--budgets", "1/8,1/4,1/2,full",
+        "--num-probes", "3", "--probe-length", "64", "--probe-chunk", "8",
+        "--sinks", str(SINKS), "--save-token-nll", "--device", "cpu", "--out", str(out),
+    ])
+    print(f"eval_quality --quick on tiny llama_gqa: {time.monotonic() - start:.1f} s")
+    return script, results, out
+
+
+def _band_mask(length: int, recent: int, sinks: int = 0) -> torch.Tensor:
+    """0 where query i may attend key j (j <= i and (j >= i - recent or j < sinks))."""
+    i = torch.arange(length).view(-1, 1)
+    j = torch.arange(length).view(1, -1)
+    visible = (j <= i) & ((j >= i - recent) | (j < sinks))
+    return torch.where(visible, 0.0, float("-inf")).view(1, 1, length, length)
+
+
+def _hf_nll(model, ids, mask=None) -> torch.Tensor:
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        logits = model(tokens, **kwargs).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)[:-1]
+    return -logprobs.gather(1, tokens[0, 1:].unsqueeze(1))[:, 0].double()
+
+
+def test_files_and_tables(study):
+    _, results, out = study
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["model"] == results["model"]
+    assert saved["wall_time_s"] > 0
+    md = (out / "results.md").read_text()
+    assert "python3 scripts/eval_quality.py" in md and "--quick" in md
+    assert "| tova |" in md and "Retrieval accuracy" in md and "Perplexity" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (out / "quality.png").stat().st_size > 0
+
+    ppl = saved["perplexity"]
+    assert ppl["windows"] == WINDOWS and ppl["scored_tokens"] == WINDOWS * (LENGTH - 1)
+    assert [b["cache_size"] for b in ppl["budgets"]] == [6, 12, 24, 48]
+    windows = ppl["window_token_ids"]
+    assert all(len(w) == LENGTH and w[0] == 1 for w in windows)  # the tiny tokenizer's BOS
+    assert ppl["byte_level"] and ppl["sanity"]["max_abs_diff"] <= ppl["sanity"]["tolerance"]
+    # C = 6 <= sinks + 2: sink_window still runs (sinks 4 < 6); every cell is filled.
+    for row in ppl["tables"]["reference"].values():
+        for cell in row.values():
+            assert cell["perplexity"] > 0
+            assert cell["bits_per_byte"] == pytest.approx(cell["mean_nll"] / math.log(2))
+
+
+def test_full_budget_is_shared_and_matches_plain_forward(study, hf_models):
+    _, results, _ = study
+    table = results["perplexity"]["tables"]["reference"]
+    full = {name: row[str(LENGTH)]["perplexity"] for name, row in table.items()}
+    assert set(full) == {"tova", "window", "sink_window", "h2o"}
+    assert len(set(full.values())) == 1
+
+    model = hf_models["llama_gqa"]
+    nll = torch.cat([_hf_nll(model, w) for w in results["perplexity"]["window_token_ids"]])
+    assert full["tova"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["window", "sink_window"])
+@pytest.mark.parametrize("budget", [6, 12, 24])
+def test_window_policies_match_banded_attention(study, hf_models, policy, budget):
+    _, results, _ = study
+    cell = results["perplexity"]["tables"]["reference"][policy][str(budget)]
+    model = hf_models["llama_gqa"]
+    sinks = SINKS if policy == "sink_window" else 0
+    mask = _band_mask(LENGTH, budget - sinks, sinks)
+    oracle = [_hf_nll(model, w, mask) for w in results["perplexity"]["window_token_ids"]]
+    for got, want in zip(cell["token_nll"], oracle):
+        assert torch.allclose(torch.tensor(got, dtype=torch.float64), want, atol=2e-4, rtol=0)
+    nll = torch.cat(oracle)
+    assert cell["perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+    # Eviction changes the numbers (guards against an oracle that never evicts).
+    full = results["perplexity"]["tables"]["reference"][policy][str(LENGTH)]["perplexity"]
+    assert cell["perplexity"] != full
+
+
+def test_probe_records(study, tiny_models):
+    from transformers import AutoTokenizer
+
+    _, results, _ = study
+    probe = results["retrieval"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama_gqa"])
+    assert probe["num_probes"] == 3
+    depths = [p["depth"] for p in probe["probes"]]
+    assert depths == sorted(depths) and depths[0] < 0.5 < depths[-1]
+    for p in probe["probes"]:
+        assert tokenizer.decode(p["answer_ids"]) == " " + p["value"]
+        assert p["key"].startswith("k_") and len(p["value"]) == 5
+    for row in probe["table"].values():
+        for cell in row.values():
+            assert len(cell["correct"]) == 3 and 0 <= cell["accuracy"] <= 1
+    full = {row["64"]["accuracy"] for row in probe["table"].values()}
+    assert full == {probe["full_accuracy"]}
+
+
+def test_budget_parsing(study):
+    script = study[0]
+    budgets = script.parse_budgets("1/16, 0.25,64,full,2000", 1024)
+    assert [(b.cache_size, b.full) for b in budgets] == [
+        (64, False), (256, False), (1024, True)]
+    assert [b.cache_size for b in script.parse_budgets("8", 64)] == [8, 64]
+    for bad in ("0", "1/0", "1.5", "x"):
+        with pytest.raises(ValueError):
+            script.parse_budgets(bad, 64)

@@ -1,0 +1,146 @@
+"""The TOVA attention backend for vLLM's CUDA platform (FlashAttention).  EXPERIMENTAL.
+
+Same design as the CPU backend (``cpu_backend.py``): a subclass of vLLM's FlashAttention
+backend that keeps its kernel, runs the step plan's phases (``phased_builder.py``), and
+evicts on the GPU after each phase with ``paged_eviction.PagedEvictor`` (Triton kernels:
+one-pass scoring from the attention kernel's log-sum-exp, fused argmin + move for decode;
+no host synchronisation in the decode path).
+
+Where the log-sum-exp comes from: for phases that evict, and with FlashAttention 2/3 and a
+plain configuration (no DCP, no sliding window, no soft-cap, no quantized cache: all
+refused with TOVA anyway), the phase's attention is the same ``flash_attn_varlen_func`` call
+vLLM makes, asked for ``return_softmax_lse=True``; the LSE of each evicting row's last query
+goes to the scoring kernel.  Otherwise vLLM's own ``forward`` runs and the scoring kernel
+computes the softmax itself (a second pass over the keys).
+
+Status: vLLM's CUDA build cannot be installed on the machines this was written on, so
+this module has never run inside vLLM.  Its parts did: the planner and builder logic run
+in every CPU engine test, ``PagedEvictor`` is tested on CPU tensors with the torch kernels
+and the interpreted Triton kernels (``tests/test_paged_eviction.py``, ``tests/test_kernels.py``),
+and the Triton kernels ran on an H100 (issue 6).  It is therefore only enabled with
+``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (see ``config_check.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends import flash_attn as vllm_fa
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from .layer_setup import customize_tova_spec, setup_tova_impl
+from .paged_eviction import PagedEvictor, SlotSideState, split_flash_kv_cache
+from .phased_builder import TovaPhasedBuilder, TovaPhaseMetadata, TovaStepMetadata
+
+
+class TovaFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type["TovaFlashAttentionImpl"]:
+        return TovaFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["TovaFlashAttentionMetadataBuilder"]:
+        return TovaFlashAttentionMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return customize_tova_spec(super().customize_spec(spec))
+
+
+class TovaFlashAttentionMetadataBuilder(TovaPhasedBuilder, FlashAttentionMetadataBuilder):
+    # A TOVA step is several kernel launches per phase with host-made plans: no full CUDA
+    # graphs (vLLM falls back to piecewise graphs, where attention runs eagerly anyway).
+    _cudagraph_support = AttentionCGSupport.NEVER
+    # Metadata holds per-phase block tables; vLLM must not patch one in place.
+    supports_update_block_table: bool = False
+
+
+class TovaFlashAttentionImpl(FlashAttentionImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tova = setup_tova_impl(self, (
+            ("ALiBi", self.alibi_slopes is not None),
+            ("attention sinks", getattr(self, "sinks", None) is not None),
+            ("logit soft-capping", bool(self.logits_soft_cap)),
+            ("sliding-window attention", tuple(self.sliding_window) != (-1, -1)),
+            ("a quantized KV cache", str(self.kv_cache_dtype).startswith("fp8")),
+            ("decode context parallelism", getattr(self, "dcp_world_size", 1) > 1),
+        ))
+        self._evictor: Optional[PagedEvictor] = None
+        self._side: Optional[SlotSideState] = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, TovaStepMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        key_cache, value_cache = split_flash_kv_cache(kv_cache, self.head_size)
+        evictor = self._evictor_for(kv_cache.device)
+        side = None
+        if attn_metadata.side_state:
+            slots = kv_cache.shape[0] * kv_cache.shape[2]
+            if self._side is None or self._side.positions.numel() != slots:
+                self._side = SlotSideState(slots, kv_cache.device)
+            side = self._side
+        num_tokens = attn_metadata.num_actual_tokens
+        for i, phase in enumerate(attn_metadata.phases):
+            if phase.token_index is None:
+                q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+                out = output[:num_tokens]
+            else:
+                idx = phase.token_index
+                q, k, v = query[idx], key[idx], value[idx]
+                out = torch.empty_like(output[: idx.numel()])
+            if i > 0:  # vLLM's own cache update already wrote the first phase
+                self.do_kv_cache_update(layer, k, v, kv_cache, phase.slots)
+            if side is not None:
+                side.write(phase.slots, phase.positions)
+            lse = self._attend(layer, q, k, v, kv_cache, phase, out)
+            if phase.token_index is not None:
+                output[phase.token_index] = out
+            if phase.accumulate is not None:
+                evictor.accumulate(query, key_cache, phase.accumulate, side)
+            if phase.evictions is not None:
+                row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
+                evictor.evict(query, key_cache, value_cache, phase.evictions, row_lse,
+                              phase.eviction_policies, side)
+        return output
+
+    def _evictor_for(self, device: torch.device) -> PagedEvictor:
+        if self._evictor is None:
+            all_reduce = None if self.tp_group is None else self.tp_group.all_reduce
+            self._evictor = PagedEvictor(device, self.total_q_heads, self.scale, all_reduce)
+        return self._evictor
+
+    def _attend(self, layer, q, k, v, kv_cache, phase: TovaPhaseMetadata,
+                out) -> Optional[torch.Tensor]:
+        """Attention of one phase into ``out``; the per-token log-sum-exp ``[q_heads,
+        tokens]`` when the phase evicts and the kernel can return it, else None."""
+        md = phase.kernel
+        plain = (
+            phase.evictions is not None
+            and self.vllm_flash_attn_version in (2, 3)
+            and md.causal is True
+            and getattr(md, "rswa_prefix_lens", None) is None
+            and getattr(md, "mm_prefix_query_range_tensor", None) is None
+        )
+        if not plain:
+            super().forward(layer, q, k, v, kv_cache, md, out)
+            return None
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        _, lse = vllm_fa.flash_attn_varlen_func(
+            q=q, k=key_cache, v=value_cache, out=out,
+            cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
+            seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len,
+            softmax_scale=self.scale, causal=True, block_table=md.block_table,
+            scheduler_metadata=md.scheduler_metadata, fa_version=self.vllm_flash_attn_version,
+            num_splits=md.max_num_splits, return_softmax_lse=True,
+        )
+        return lse

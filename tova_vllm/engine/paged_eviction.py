@@ -1,0 +1,205 @@
+"""Eviction on vLLM's FlashAttention KV layout, on whatever device the cache lives.
+
+The CUDA backend's mechanism, kept free of vLLM imports so it runs (and is tested) on CPU
+tensors too: with the torch kernels, and with the Triton kernels under
+``TRITON_INTERPRET=1``.  ``tova_vllm.kernels.select_backend`` picks Triton on CUDA.
+
+Per layer and phase, for the phase's eviction rows (``plan.EvictionBatch``):
+
+* TOVA only (the common case): ``paged_tova_scores`` from the attention kernel's
+  log-sum-exp when the backend has it (one pass over K; otherwise the kernel computes the
+  softmax itself), then ``decode_evict`` (argmin + move, one launch, no host sync) for
+  steady decode, or top-C + compaction for prompt evictions;
+* other policies: their keep scores (``policies/eviction.py``) from the per-slot side
+  state, the shared selection rules, and the same compaction kernel; the side state moves
+  with the K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..kernels import select_backend
+from ..kernels.torch_ref import gather_keys
+from ..policies import (
+    EvictionPolicy,
+    accumulated_from_logits,
+    compaction_moves,
+    slot_to_drop,
+    slots_to_keep,
+)
+from .plan import EvictionBatch, QueryBatch
+
+
+def split_flash_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM 0.32's FlashAttention layer cache ``[num_blocks, kv_heads, block_size, 2 * D]``
+    as ``(key_cache, value_cache)`` views ``[num_blocks, block_size, kv_heads, D]``."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+class SlotSideState:
+    """Per-slot logical position (int32) and accumulated attention (fp32) of one layer,
+    indexed by global cache slot ``block * block_size + offset``."""
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.positions = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.accumulated = torch.zeros(num_slots, dtype=torch.float32, device=device)
+
+    def write(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.positions[slots] = positions.to(torch.int32)
+        self.accumulated[slots] = 0.0
+
+    def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        for side in (self.positions, self.accumulated):
+            side[dst_slots] = side[src_slots]
+
+
+@dataclass
+class _DeviceRows:
+    table: torch.Tensor  # [E, blocks] block table of each eviction row
+    live: torch.Tensor  # [E] int32
+    query_index: torch.Tensor
+    query_position: torch.Tensor
+    keep: torch.Tensor
+
+
+def _device_rows(ev: EvictionBatch, block_size: int, device: torch.device) -> _DeviceRows:
+    """The eviction rows' tensors on ``device``, made once per phase, shared by all layers."""
+    cache = ev.__dict__.setdefault("_device_rows", {})
+    if device not in cache:
+        # Positions 0, bs, 2bs, ... of each row: the row's block table up to its live end
+        # (padding positions map to position 0's block, valid memory that is never read).
+        table = ev.block_ids[:, ::block_size].to(torch.int32)
+        cache[device] = _DeviceRows(
+            table=table.to(device), live=ev.live.to(torch.int32).to(device),
+            query_index=ev.query_index.to(device), query_position=ev.query_position.to(device),
+            keep=ev.keep.to(device),
+        )
+    return cache[device]
+
+
+class PagedEvictor:
+    """Scores, selects and compacts one layer's eviction rows."""
+
+    def __init__(self, device: torch.device, total_q_heads: int, scale: float,
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 backend: Optional[str] = None) -> None:
+        self.kernels = select_backend(device, backend)
+        self.total_q_heads = total_q_heads
+        self.scale = scale
+        self.all_reduce = all_reduce
+
+    def _tova_scores(self, query, key_cache, rows: _DeviceRows, width: int,
+                     lse: Optional[torch.Tensor], select: Optional[torch.Tensor] = None):
+        table, live, qidx = rows.table, rows.live, rows.query_index
+        if select is not None:
+            table, live, qidx = table[select], live[select], qidx[select]
+            lse = None if lse is None else lse[select]
+        scores = self.kernels.paged_tova_scores(
+            query[qidx], key_cache, table, live, self.scale, lse,
+            max_live=width, total_q_heads=self.total_q_heads,
+        )
+        if self.all_reduce is not None:  # each rank summed its heads over the global count
+            scores = self.all_reduce(scores)
+        return scores
+
+    def evict(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              ev: EvictionBatch, lse: Optional[torch.Tensor] = None,
+              policies: Optional[list[EvictionPolicy]] = None,
+              side: Optional[SlotSideState] = None) -> None:
+        """``lse``: ``[E, q_heads]`` fp32 log-sum-exp of each eviction row's last query,
+        or None.  ``policies``: per eviction row, None when all are TOVA."""
+        block_size = key_cache.shape[1]
+        rows = _device_rows(ev, block_size, key_cache.device)
+        width = max(ev.live_list)
+        if policies is None:
+            scores = self._tova_scores(query, key_cache, rows, width, lse)
+            if ev.one_drop_each:
+                self.kernels.decode_evict(scores, rows.live, key_cache, value_cache, rows.table)
+                return
+        else:
+            scores = self._policy_scores(query, key_cache, rows, width, lse, policies, side,
+                                         block_size)
+        if ev.one_drop_each:
+            drop = slot_to_drop(scores, rows.live.long())
+            src, dst, row = self.kernels.decode_moves(drop, rows.live)
+        else:
+            src_l, dst_l, row_l = [], [], []
+            for e, (live, keep) in enumerate(zip(ev.live_list, ev.keep_list)):
+                kept = slots_to_keep(scores[e, :live], keep)
+                src_e, dst_e = compaction_moves(kept, keep)
+                src_l.append(src_e)
+                dst_l.append(dst_e)
+                row_l.append(torch.full_like(src_e, e))
+            src, dst, row = torch.cat(src_l), torch.cat(dst_l), torch.cat(row_l)
+        if side is not None:
+            active = (row >= 0) & (src != dst)
+            r = row[active]
+            table = rows.table.long()
+            src_slots = table[r, src[active] // block_size] * block_size + src[active] % block_size
+            dst_slots = table[r, dst[active] // block_size] * block_size + dst[active] % block_size
+            side.move(src_slots, dst_slots)
+        self.kernels.compact_paged(key_cache, value_cache, rows.table, src, dst, row)
+
+    def _policy_scores(self, query, key_cache, rows: _DeviceRows, width: int, lse,
+                       policies: list[EvictionPolicy], side: Optional[SlotSideState],
+                       block_size: int) -> torch.Tensor:
+        """fp64 keep scores, rows grouped by policy (exact positions need fp64)."""
+        device = key_cache.device
+        positions = torch.arange(width, device=device)
+        table = rows.table.long()
+        slot_ids = table[:, positions // block_size] * block_size + positions % block_size
+        scores = torch.empty(slot_ids.shape, dtype=torch.float64, device=device)
+        groups: dict[EvictionPolicy, list[int]] = {}
+        for e, policy in enumerate(policies):
+            groups.setdefault(policy, []).append(e)
+        for policy, members in groups.items():
+            select = torch.tensor(members, dtype=torch.long, device=device)
+            inputs = {}
+            if policy.needs_last_query_probs:
+                inputs["last_query_probs"] = self._tova_scores(query, key_cache, rows, width,
+                                                               lse, select)
+            if policy.needs_positions or policy.needs_accumulated:
+                if side is None:
+                    raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
+                if policy.needs_positions:
+                    inputs["positions"] = side.positions[slot_ids[select]]
+                if policy.needs_accumulated:
+                    inputs["accumulated"] = side.accumulated[slot_ids[select]]
+            scores[select] = policy.keep_scores(
+                cache_size=rows.keep[select], query_position=rows.query_position[select],
+                **inputs,
+            ).double()
+        return scores
+
+    def accumulate(self, query: torch.Tensor, key_cache: torch.Tensor, batch: QueryBatch,
+                   side: SlotSideState, query_block: int = 64) -> None:
+        """H2O: add every query's head-mean softmax weights to the slots it attends to."""
+        device = key_cache.device
+        block_size = key_cache.shape[1]
+        slot_ids = batch.slot_ids.to(device)
+        in_use = batch.in_use.to(device)
+        width = slot_ids.shape[1]
+        table = (slot_ids[:, ::block_size] // block_size).to(torch.int32)
+        live = in_use.sum(dim=1)
+        keys = gather_keys(key_cache, table, live, width).float()  # [E, H, S, D]
+        kv_heads, head_dim = keys.shape[1], keys.shape[3]
+        query_index = batch.query_index.to(device)
+        visible = batch.visible.to(device)
+        total = None
+        for first in range(0, query_index.shape[1], query_block):
+            part = slice(first, first + query_block)
+            q = query[query_index[:, part]].float()  # [E, L, Hq, D]
+            rows, num_q = q.shape[:2]
+            q = q.view(rows, num_q, kv_heads, -1, head_dim).permute(0, 2, 3, 1, 4)
+            logits = torch.einsum("ekgld,eksd->ekgls", q, keys) * self.scale
+            summed = accumulated_from_logits(logits, visible[:, part])
+            total = summed if total is None else total + summed
+        if self.all_reduce is not None:
+            total = self.all_reduce(total)
+        increment = total / self.total_q_heads
+        side.accumulated.index_put_((slot_ids[in_use],), increment[in_use], accumulate=True)

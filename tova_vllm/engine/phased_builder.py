@@ -1,0 +1,141 @@
+"""Attention metadata for a TOVA step, shared by the CPU and CUDA backends.
+
+A mixin placed before vLLM's own metadata builder: it plans the step once (``plan.py``),
+points vLLM's KV write at the first phase's cache slots, and asks the stock builder for one
+metadata object per phase, so each platform keeps its own attention kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..config import settings_from_additional_config
+from ..policies import EvictionPolicy
+from .plan import EvictionBatch, QueryBatch, RequestStep, plan_step, query_batch
+from .spec import TovaSpec
+from .step_context import batch_rows
+
+
+@dataclass
+class TovaPhaseMetadata:
+    kernel: Any  # the stock builder's metadata for this phase's tokens
+    token_index: Optional[torch.Tensor]  # batch tokens of the phase; None: all, in order
+    slots: torch.Tensor  # cache slot written by each of the phase's tokens
+    positions: torch.Tensor  # logical position of each of the phase's tokens
+    evictions: Optional[EvictionBatch]
+    #: Policy of each eviction row; None when every row uses the default TOVA scorer.
+    eviction_policies: Optional[list[EvictionPolicy]]
+    #: Rows whose policy accumulates the attention of every query (H2O).
+    accumulate: Optional[QueryBatch]
+    #: Index of each eviction row's last query among the phase's tokens (for the
+    #: attention kernel's per-token log-sum-exp).
+    eviction_queries: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TovaStepMetadata:
+    phases: list[TovaPhaseMetadata]
+    num_actual_tokens: int
+    #: Some row's policy reads per-slot side state, so every write must record it.
+    side_state: bool
+
+
+class TovaPhasedBuilder:
+    """Mixin: ``class Builder(TovaPhasedBuilder, StockBuilder)``."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.tova_spec = kv_cache_spec if isinstance(kv_cache_spec, TovaSpec) else None
+        self.settings = settings_from_additional_config(vllm_config.additional_config)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        if self.tova_spec is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        # On CUDA this is the step's one host synchronisation (builders run once per step
+        # and KV group, not per layer); the plan is made on the host.
+        seq_lens = cm.seq_lens[:num_reqs].tolist()
+        prompt_lens, budgets, policies = batch_rows(num_reqs, self.settings)
+        side_state = any(p.needs_positions for p in policies)
+        if not side_state and all(n <= c for n, c in zip(seq_lens, budgets)):
+            # Nothing has been or will be evicted this step: cache positions are logical
+            # positions, and vLLM's own metadata and KV write are exactly right.
+            return super().build(common_prefix_len, cm, fast_build)
+        query_start = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        requests = []
+        for row in range(num_reqs):
+            num_new = query_start[row + 1] - query_start[row]
+            requests.append(
+                RequestStep(
+                    num_computed=seq_lens[row] - num_new,
+                    num_new=num_new,
+                    prompt_len=prompt_lens[row],
+                    cache_size=budgets[row],
+                    prompt_chunk=self.tova_spec.prompt_chunk,
+                )
+            )
+        block_table = cm.block_table_tensor[:num_reqs]
+        host_table = block_table.cpu()
+        plan = plan_step(requests, host_table, self.block_size)
+        device = cm.slot_mapping.device
+
+        def on_device(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        # vLLM's own KV write (before attention, same slot tensor, updated in place) stores
+        # the first phase; later phases are written in forward(), after their eviction.
+        vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
+        first_slots = on_device(plan[0].slots).to(vllm_slots.dtype)
+        if plan[0].token_index is None:
+            vllm_slots.copy_(first_slots)
+        else:
+            vllm_slots.fill_(-1)  # negative slots are skipped by the write op
+            vllm_slots[on_device(plan[0].token_index)] = first_slots
+        phases = []
+        for phase in plan:
+            max_seq_len = int(phase.cache_lens.max())
+            slots = on_device(phase.slots)
+            if phase.token_index is None:
+                phase_cm = cm.replace(seq_lens=on_device(phase.cache_lens),
+                                      seq_lens_cpu_upper_bound=phase.cache_lens,
+                                      max_seq_len=max_seq_len, slot_mapping=slots)
+            else:
+                rows = torch.tensor(phase.rows, dtype=torch.long, device=device)
+                phase_cm = cm.replace(
+                    query_start_loc=on_device(phase.query_start_loc),
+                    query_start_loc_cpu=phase.query_start_loc,
+                    seq_lens=on_device(phase.cache_lens),
+                    seq_lens_cpu_upper_bound=phase.cache_lens,
+                    num_reqs=len(phase.rows),
+                    num_actual_tokens=int(phase.slots.numel()),
+                    max_query_len=phase.max_query_len,
+                    max_seq_len=max_seq_len,
+                    block_table_tensor=block_table[rows],
+                    slot_mapping=slots,
+                    is_prefilling=None,
+                    positions=None,
+                )
+            kernel = super().build(common_prefix_len, phase_cm, fast_build)
+            ev = phase.evictions
+            ev_policies = None
+            if side_state and ev is not None:
+                ev_policies = [policies[r] for r in ev.rows.tolist()]
+            accumulating = [j for j, r in enumerate(phase.rows) if policies[r].needs_accumulated]
+            accumulate = (query_batch(phase, accumulating, host_table, self.block_size)
+                          if accumulating else None)
+            eviction_queries = None
+            if ev is not None:  # the eviction rows' last queries among the phase's tokens
+                eviction_queries = (ev.query_index if phase.token_index is None else
+                                    torch.searchsorted(phase.token_index, ev.query_index))
+            phases.append(TovaPhaseMetadata(
+                kernel=kernel, token_index=on_device(phase.token_index), slots=slots,
+                positions=on_device(phase.positions), evictions=ev,
+                eviction_policies=ev_policies, accumulate=accumulate,
+                eviction_queries=on_device(eviction_queries),
+            ))
+        return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
+                                side_state=side_state)
