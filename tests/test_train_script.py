@@ -50,3 +50,19 @@ def test_two_step_run_writes_a_loadable_checkpoint(tmp_path):
     root, files = trainer.corpus_files()
     held_out = [p for p in files if trainer.is_val(p.relative_to(root).as_posix())]
     assert 0 < len(held_out) < len(files) // 10
+
+
+def test_committed_checkpoint_is_small_and_loads():
+    """models/byte-llama-stdlib (the quality study's model, README) stays under 20 MB and
+    predicts Python better than chance."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(__file__).resolve().parents[1] / "models" / "byte-llama-stdlib"
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20_000_000
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("import os\n\n\ndef main():\n    return os.path.join(a, b)\n")["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    assert nll.item() / 0.6931 < 4.0  # bits per byte; uniform over 259 ids is 8.0
