@@ -7,6 +7,7 @@ vanilla measured in this run.  CPU, in-process engine, tiny random model (see --
 absolute numbers say little, the ratios are the point.
 
     python3 scripts/bench_engine.py [--requests 16 --prompt 64 --max-tokens 512 --blocks 64]
+    python3 scripts/bench_engine.py --policies tova,window,sink_window,h2o   # policy costs
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, long_after=0):
-    from engine_harness import kv_manager, make_llm, run, shutdown
+    from engine_harness import make_llm, run, shutdown
 
     llm = make_llm(model_dir, tova, block_size=block_size, num_blocks=blocks,
                    max_model_len=max_model_len, max_num_batched_tokens=2048, max_num_seqs=256)
@@ -76,7 +77,10 @@ def main() -> None:
     parser.add_argument("--cache-size", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--policies", default="tova",
+                        help="comma-separated eviction policies to measure at --cache-size")
     args = parser.parse_args()
+    policies = [p for p in args.policies.split(",") if p]
 
     from engine_harness import Req, random_prompts
     from tiny_models import build_tiny_model
@@ -91,14 +95,19 @@ def main() -> None:
         long_after = args.prompt + args.max_tokens // 2
         common = dict(blocks=args.blocks, block_size=bs, max_model_len=max_model_len,
                       long_after=long_after)
-        rows = {
-            "vanilla": measure(model, None, requests, **common),
-            f"TOVA C={args.cache_size}": measure(model, {"cache_size": args.cache_size}, requests, **common),
-            "TOVA C>=len (no eviction)": measure(model, {"cache_size": max_model_len}, requests, **common),
-        }
+        rows = {"vanilla": measure(model, None, requests, **common)}
+        for policy in policies:
+            rows[f"{policy} C={args.cache_size}"] = measure(
+                model, {"cache_size": args.cache_size, "policy": policy}, requests, **common)
+        rows["TOVA C>=len (no eviction)"] = measure(model, {"cache_size": max_model_len},
+                                                    requests, **common)
         big = dict(blocks=4096, block_size=bs, max_model_len=1024)
         step_vanilla = measure(model, None, step_requests, **big)
-        step_tova = measure(model, {"cache_size": args.cache_size}, step_requests, **big)
+        step_policy = {
+            policy: measure(model, {"cache_size": args.cache_size, "policy": policy},
+                            step_requests, **big)
+            for policy in policies
+        }
 
     print(f"\nworkload: {args.requests} requests x (prompt {args.prompt} + {args.max_tokens} "
           f"generated), pool {args.blocks - 1} usable blocks of {bs} tokens, arch {args.arch}")
@@ -113,11 +122,14 @@ def main() -> None:
         times = [t for t, n in stats["decode_step_s"] if n == 8]
         return statistics.median(times) * 1e3 if times else float("nan")
 
-    v, t = per_step(step_vanilla), per_step(step_tova)
+    v = per_step(step_vanilla)
     print(f"\ndecode step, 8 requests at live context {args.cache_size} "
           f"(vanilla: {args.cache_size}..{args.cache_size + 64} tokens, no eviction; "
-          f"TOVA: {args.cache_size} kept + 1, one eviction per request and layer):")
-    print(f"  vanilla {v:.2f} ms   TOVA {t:.2f} ms   ratio {t / v:.2f}")
+          f"policies: {args.cache_size} kept + 1, one eviction per request and layer):")
+    print(f"  vanilla {v:.2f} ms")
+    for policy, stats in step_policy.items():
+        t = per_step(stats)
+        print(f"  {policy:<12}{t:.2f} ms   ratio {t / v:.2f}")
 
 
 if __name__ == "__main__":
