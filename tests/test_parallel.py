@@ -24,14 +24,15 @@ SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         model, prompts, cache_size = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-        tp, pp = int(sys.argv[4]), int(sys.argv[5])
+        tp, pp, policies = int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
         llm = LLM(model=model, dtype="float32", max_model_len=1024, block_size=32,
                   max_num_batched_tokens=64, enforce_eager=True, seed=0,
                   tensor_parallel_size=tp, pipeline_parallel_size=pp,
                   distributed_executor_backend="mp",
                   additional_config={"tova": {"cache_size": cache_size}})
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                 extra_args={"tova_policy": policy}) for policy in policies]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         print("RESULT", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 """)
 
@@ -41,17 +42,21 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("tp,pp", [(2, 1)], ids=["tp2"])
 def test_parallel_engine_equals_reference(tp, pp, tiny_models, hf_models, tmp_path):
     arch, cache_size = "llama_gqa", 24  # 8 query heads, 2 KV heads: 4 + 1 per rank
-    prompts = [list(p) for p in random_prompts((10, 60, 150), seed=5)]
+    # TOVA and H2O all-reduce their head sums over the ranks; window needs no scores.
+    base = [list(p) for p in random_prompts((10, 60, 150), seed=5)]
+    policies = [p for p in ("tova", "h2o", "window") for _ in base]
+    prompts = base * 3
     script = tmp_path / "parallel.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_models[arch]), json.dumps(prompts), str(cache_size),
-         str(tp), str(pp)],
+         str(tp), str(pp), json.dumps(policies)],
         env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-    expected = [reference_generate(hf_models[arch], p, cache_size=cache_size,
-                                   max_new_tokens=20).token_ids for p in prompts]
+    expected = [reference_generate(hf_models[arch], p, cache_size=cache_size, max_new_tokens=20,
+                                   policy=policy).token_ids
+                for p, policy in zip(prompts, policies)]
     assert got == expected
