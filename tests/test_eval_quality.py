@@ -152,3 +152,26 @@ def test_budget_parsing(study):
     for bad in ("0", "1/0", "1.5", "x"):
         with pytest.raises(ValueError):
             script.parse_budgets(bad, 64)
+
+
+def test_engine_prompt_logprobs_equal_the_reference(tiny_models, tmp_path, monkeypatch):
+    """--backend both: vLLM's prompt logprobs under the plugin (chunked mode, an eviction
+    after every prompt token, all four policies as per-request settings in one engine)
+    equal the reference's streaming log-probabilities."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    script = _load_script()
+    results = script.main([
+        "--model", str(tiny_models["llama_gqa"]), "--backend", "both", "--skip-probe",
+        "--length", "40", "--num-windows", "1", "--budgets", "1/4,1/2,full",
+        "--threads", "1", "--out", str(tmp_path),
+    ])
+    ppl = results["perplexity"]
+    assert set(ppl["tables"]) == {"reference", "vllm"}
+    assert ppl["engine_vs_reference"]["max_abs_token_nll_diff"] < 1e-3
+    reference, engine = ppl["tables"]["reference"], ppl["tables"]["vllm"]
+    for policy, row in reference.items():
+        for budget, cell in row.items():
+            assert engine[policy][budget]["perplexity"] == pytest.approx(cell["perplexity"],
+                                                                         rel=1e-4)
+    # Eviction happened: the budgets differ from the full cache.
+    assert reference["tova"]["10"]["perplexity"] != reference["tova"]["40"]["perplexity"]
