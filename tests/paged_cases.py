@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from tova_vllm.engine.paged_eviction import PagedEvictor, SlotSideState, split_flash_kv_cache
+from tova_vllm.engine.paged_eviction import PagedEvictor, split_flash_kv_cache
+from tova_vllm.engine.side_state import SlotSideState
 from tova_vllm.engine.plan import EvictionBatch
 from tova_vllm.policies import (
     EvictionPolicy,

@@ -38,6 +38,7 @@ from .cpu_layout import copy_positions, last_query_logits, many_query_logits, pr
 from .layer_setup import customize_tova_spec, setup_tova_impl
 from .phased_builder import TovaPhasedBuilder, TovaStepMetadata
 from .plan import EvictionBatch, QueryBatch
+from .side_state import SlotSideState, policy_keep_scores
 
 # H2O scores every query of a prompt chunk; bound the fp32 logits it materializes.
 _ACCUMULATE_QUERY_BLOCK = 64
@@ -71,9 +72,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             ("sliding-window attention", self.sliding_window != -1),
             ("a quantized KV cache", self.is_fp8_kv_cache),
         ))
-        # Per-slot side state (see the module docstring), allocated on first use.
-        self.slot_positions: Optional[torch.Tensor] = None  # int32
-        self.slot_accumulated: Optional[torch.Tensor] = None  # fp32
+        self.side: Optional[SlotSideState] = None  # see the module docstring
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -85,7 +84,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         key_cache, value_cache = pages.chunk(2, dim=2)
         num_tokens = attn_metadata.num_actual_tokens
         if attn_metadata.side_state:
-            self._ensure_side_state(num_blocks * block_size)
+            self.side = SlotSideState.sized(self.side, num_blocks * block_size, kv_cache.device)
         for i, phase in enumerate(attn_metadata.phases):
             if phase.token_index is None:
                 q, k, v, out = query[:num_tokens], key[:num_tokens], value[:num_tokens], output
@@ -100,8 +99,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
                     kv_cache_dtype=self.kv_cache_dtype,
                 )
             if attn_metadata.side_state:
-                self.slot_positions[phase.slots] = phase.positions.to(torch.int32)
-                self.slot_accumulated[phase.slots] = 0.0
+                self.side.write(phase.slots, phase.positions)
             super().forward(layer, q, k, v, kv_cache, phase.kernel, out)
             if phase.token_index is not None:
                 output[phase.token_index] = out
@@ -110,11 +108,6 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             if phase.evictions is not None:
                 self._evict(layer.isa, query, pages, phase.evictions, phase.eviction_policies)
         return output
-
-    def _ensure_side_state(self, num_slots: int) -> None:
-        if self.slot_positions is None or self.slot_positions.numel() != num_slots:
-            self.slot_positions = torch.zeros(num_slots, dtype=torch.int32)
-            self.slot_accumulated = torch.zeros(num_slots, dtype=torch.float32)
 
     def _head_mean(self, head_sum: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's query heads -> mean over all of the layer's query heads."""
@@ -136,8 +129,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             summed = accumulated_from_logits(logits, batch.visible[:, part])
             total = summed if total is None else total + summed
         increment = self._head_mean(total)
-        self.slot_accumulated.index_put_((batch.slot_ids[batch.in_use],),
-                                         increment[batch.in_use], accumulate=True)
+        self.side.add_attention(batch.slot_ids[batch.in_use], increment[batch.in_use])
 
     def _evict(self, isa: str, query: torch.Tensor, pages: torch.Tensor, ev: EvictionBatch,
                policies: Optional[list[EvictionPolicy]]) -> None:
@@ -146,7 +138,10 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         if policies is None:
             scores = self._last_query_probs(query, pages, layout, ev)
         else:
-            scores = self._policy_scores(query, pages, layout, ev, policies)
+            scores = policy_keep_scores(
+                policies, ev.block_ids * block_size + ev.block_offsets, ev.keep,
+                ev.query_position, self.side,
+                lambda rows: self._last_query_probs(query, pages, layout, ev, rows))
 
         if ev.one_drop_each:
             rows = torch.arange(len(ev.keep_list))
@@ -164,8 +159,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         if policies is not None:
             src_slots = ev.block_ids[rows, src] * block_size + ev.block_offsets[rows, src]
             dst_slots = ev.block_ids[rows, dst] * block_size + ev.block_offsets[rows, dst]
-            for side in (self.slot_positions, self.slot_accumulated):
-                side[dst_slots] = side[src_slots]
+            self.side.move(dst_slots=dst_slots, src_slots=src_slots)
 
     def _last_query_probs(self, query, pages, layout, ev: EvictionBatch,
                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,26 +173,3 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         logits = last_query_logits(pages, layout, block_ids, block_offsets, query[qidx],
                                    self.scale)
         return self._head_mean(head_summed_probs_from_logits(logits, live))
-
-    def _policy_scores(self, query, pages, layout, ev: EvictionBatch,
-                       policies: list[EvictionPolicy]) -> torch.Tensor:
-        """Keep scores when some row's policy is not TOVA: rows grouped by policy, fp64."""
-        block_size = pages.shape[2] // 2
-        slot_ids = ev.block_ids * block_size + ev.block_offsets
-        scores = torch.empty(slot_ids.shape, dtype=torch.float64)
-        by_policy: dict[EvictionPolicy, list[int]] = {}
-        for e, policy in enumerate(policies):
-            by_policy.setdefault(policy, []).append(e)
-        for policy, members in by_policy.items():
-            rows = torch.tensor(members, dtype=torch.long)
-            inputs = {}
-            if policy.needs_last_query_probs:
-                inputs["last_query_probs"] = self._last_query_probs(query, pages, layout, ev, rows)
-            if policy.needs_positions:
-                inputs["positions"] = self.slot_positions[slot_ids[rows]]
-            if policy.needs_accumulated:
-                inputs["accumulated"] = self.slot_accumulated[slot_ids[rows]]
-            scores[rows] = policy.keep_scores(
-                cache_size=ev.keep[rows], query_position=ev.query_position[rows], **inputs
-            ).double()
-        return scores

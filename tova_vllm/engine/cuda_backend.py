@@ -36,8 +36,9 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .layer_setup import customize_tova_spec, setup_tova_impl
-from .paged_eviction import PagedEvictor, SlotSideState, split_flash_kv_cache
+from .paged_eviction import PagedEvictor, split_flash_kv_cache
 from .phased_builder import TovaPhasedBuilder, TovaPhaseMetadata, TovaStepMetadata
+from .side_state import SlotSideState
 
 
 class TovaFlashAttentionBackend(FlashAttentionBackend):
@@ -85,10 +86,8 @@ class TovaFlashAttentionImpl(FlashAttentionImpl):
         evictor = self._evictor_for(kv_cache.device)
         side = None
         if attn_metadata.side_state:
-            slots = kv_cache.shape[0] * kv_cache.shape[2]
-            if self._side is None or self._side.positions.numel() != slots:
-                self._side = SlotSideState(slots, kv_cache.device)
-            side = self._side
+            side = self._side = SlotSideState.sized(
+                self._side, kv_cache.shape[0] * kv_cache.shape[2], kv_cache.device)
         num_tokens = attn_metadata.num_actual_tokens
         for i, phase in enumerate(attn_metadata.phases):
             if phase.token_index is None:

@@ -32,6 +32,7 @@ from ..policies import (
     slots_to_keep,
 )
 from .plan import EvictionBatch, QueryBatch
+from .side_state import SlotSideState, policy_keep_scores
 
 
 def split_flash_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,23 +40,6 @@ def split_flash_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.
     as ``(key_cache, value_cache)`` views ``[num_blocks, block_size, kv_heads, D]``."""
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
-
-
-class SlotSideState:
-    """Per-slot logical position (int32) and accumulated attention (fp32) of one layer,
-    indexed by global cache slot ``block * block_size + offset``."""
-
-    def __init__(self, num_slots: int, device: torch.device) -> None:
-        self.positions = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        self.accumulated = torch.zeros(num_slots, dtype=torch.float32, device=device)
-
-    def write(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        self.positions[slots] = positions.to(torch.int32)
-        self.accumulated[slots] = 0.0
-
-    def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-        for side in (self.positions, self.accumulated):
-            side[dst_slots] = side[src_slots]
 
 
 @dataclass
@@ -122,8 +106,10 @@ class PagedEvictor:
                 self.kernels.decode_evict(scores, rows.live, key_cache, value_cache, rows.table)
                 return
         else:
-            scores = self._policy_scores(query, key_cache, rows, width, lse, policies, side,
-                                         block_size)
+            slot_ids = (ev.block_ids * block_size + ev.block_offsets).to(key_cache.device)
+            scores = policy_keep_scores(
+                policies, slot_ids, rows.keep, rows.query_position, side,
+                lambda select: self._tova_scores(query, key_cache, rows, width, lse, select))
         if ev.one_drop_each:
             drop = slot_to_drop(scores, rows.live.long())
             src, dst, row = self.kernels.decode_moves(drop, rows.live)
@@ -136,45 +122,11 @@ class PagedEvictor:
                 dst_l.append(dst_e)
                 row_l.append(torch.full_like(src_e, e))
             src, dst, row = torch.cat(src_l), torch.cat(dst_l), torch.cat(row_l)
-        if side is not None:
+        if policies is not None and side is not None:
             active = (row >= 0) & (src != dst)
             r = row[active]
-            table = rows.table.long()
-            src_slots = table[r, src[active] // block_size] * block_size + src[active] % block_size
-            dst_slots = table[r, dst[active] // block_size] * block_size + dst[active] % block_size
-            side.move(src_slots, dst_slots)
+            side.move(slot_ids[r, src[active]], slot_ids[r, dst[active]])
         self.kernels.compact_paged(key_cache, value_cache, rows.table, src, dst, row)
-
-    def _policy_scores(self, query, key_cache, rows: _DeviceRows, width: int, lse,
-                       policies: list[EvictionPolicy], side: Optional[SlotSideState],
-                       block_size: int) -> torch.Tensor:
-        """fp64 keep scores, rows grouped by policy (exact positions need fp64)."""
-        device = key_cache.device
-        positions = torch.arange(width, device=device)
-        table = rows.table.long()
-        slot_ids = table[:, positions // block_size] * block_size + positions % block_size
-        scores = torch.empty(slot_ids.shape, dtype=torch.float64, device=device)
-        groups: dict[EvictionPolicy, list[int]] = {}
-        for e, policy in enumerate(policies):
-            groups.setdefault(policy, []).append(e)
-        for policy, members in groups.items():
-            select = torch.tensor(members, dtype=torch.long, device=device)
-            inputs = {}
-            if policy.needs_last_query_probs:
-                inputs["last_query_probs"] = self._tova_scores(query, key_cache, rows, width,
-                                                               lse, select)
-            if policy.needs_positions or policy.needs_accumulated:
-                if side is None:
-                    raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
-                if policy.needs_positions:
-                    inputs["positions"] = side.positions[slot_ids[select]]
-                if policy.needs_accumulated:
-                    inputs["accumulated"] = side.accumulated[slot_ids[select]]
-            scores[select] = policy.keep_scores(
-                cache_size=rows.keep[select], query_position=rows.query_position[select],
-                **inputs,
-            ).double()
-        return scores
 
     def accumulate(self, query: torch.Tensor, key_cache: torch.Tensor, batch: QueryBatch,
                    side: SlotSideState, query_block: int = 64) -> None:
@@ -202,4 +154,4 @@ class PagedEvictor:
         if self.all_reduce is not None:
             total = self.all_reduce(total)
         increment = total / self.total_q_heads
-        side.accumulated.index_put_((slot_ids[in_use],), increment[in_use], accumulate=True)
+        side.add_attention(slot_ids[in_use], increment[in_use])

@@ -1,0 +1,74 @@
+"""Per-slot side state of the baseline policies, and their keep scores from it.
+
+Shared by the CPU backend and the CUDA eviction mechanism (``paged_eviction.py``); no vLLM
+import.  Slots are global cache slots ``block * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..policies import EvictionPolicy
+
+
+class SlotSideState:
+    """Logical position (int32) and accumulated attention (fp32) of every cache slot of
+    one layer: written with the K/V, moved by the same compaction."""
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.positions = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.accumulated = torch.zeros(num_slots, dtype=torch.float32, device=device)
+
+    @classmethod
+    def sized(cls, current: Optional["SlotSideState"], num_slots: int,
+              device: torch.device) -> "SlotSideState":
+        """``current`` when it covers ``num_slots``, else a fresh state (made on first use)."""
+        if current is not None and current.positions.numel() == num_slots:
+            return current
+        return cls(num_slots, device)
+
+    def write(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.positions[slots] = positions.to(torch.int32)
+        self.accumulated[slots] = 0.0
+
+    def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        for side in (self.positions, self.accumulated):
+            side[dst_slots] = side[src_slots]
+
+    def add_attention(self, slots: torch.Tensor, increment: torch.Tensor) -> None:
+        self.accumulated.index_put_((slots,), increment, accumulate=True)
+
+
+def policy_keep_scores(
+    policies: list[EvictionPolicy],
+    slot_ids: torch.Tensor,
+    cache_size: torch.Tensor,
+    query_position: torch.Tensor,
+    side: Optional[SlotSideState],
+    last_query_probs: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """fp64 keep scores ``[E, S]`` of eviction rows whose policies differ (exact positions
+    need fp64); rows are grouped by policy.  ``slot_ids``: ``[E, S]`` cache slot of each
+    row's positions; ``last_query_probs(rows)``: TOVA's scores of those rows."""
+    scores = torch.empty(slot_ids.shape, dtype=torch.float64, device=slot_ids.device)
+    groups: dict[EvictionPolicy, list[int]] = {}
+    for e, policy in enumerate(policies):
+        groups.setdefault(policy, []).append(e)
+    for policy, members in groups.items():
+        rows = torch.tensor(members, dtype=torch.long, device=slot_ids.device)
+        inputs = {}
+        if policy.needs_last_query_probs:
+            inputs["last_query_probs"] = last_query_probs(rows)
+        if policy.needs_positions or policy.needs_accumulated:
+            if side is None:
+                raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
+            if policy.needs_positions:
+                inputs["positions"] = side.positions[slot_ids[rows]]
+            if policy.needs_accumulated:
+                inputs["accumulated"] = side.accumulated[slot_ids[rows]]
+        scores[rows] = policy.keep_scores(
+            cache_size=cache_size[rows], query_position=query_position[rows], **inputs
+        ).double()
+    return scores
