@@ -118,3 +118,33 @@ def kv_manager(scheduler):
 
 def real_blocks(manager, request_id: str) -> int:
     return sum(1 for b in manager.req_to_blocks.get(request_id, ()) if b is not manager._null_block)
+
+
+def preemption_workload(extra_args: Optional[dict] = None) -> list[Req]:
+    """Request 0 starts short and grows towards a budget of 96; the later, long-prompt
+    requests evict from their first decode step on.  In a pool of 10 usable blocks
+    (``run_with_preemption_log``), request 0's growth makes vLLM preempt the newest running
+    request: one that has been evicting for many steps."""
+    return [Req(p, n, a, extra_args) for p, n, a in zip(
+        random_prompts((10, 110, 120, 100), seed=4), (150, 100, 100, 60), (0, 1, 2, 3))]
+
+
+def run_with_preemption_log(model_dir, requests: Sequence[Req], cache_size: int
+                            ) -> tuple[RunResult, list[str]]:
+    """Run ``requests`` in an 11-block pool; also return the ids of requests preempted
+    after their eviction had started."""
+    llm = make_llm(model_dir, {"cache_size": cache_size}, num_blocks=11, max_model_len=320)
+    scheduler = scheduler_of(llm)
+    original = scheduler._preempt_request
+    preempted: list[str] = []
+
+    def record(request, *args, **kwargs):
+        if request.num_computed_tokens > max(request.num_prompt_tokens, cache_size):
+            preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = record
+    try:
+        return run(llm, requests), preempted
+    finally:
+        shutdown(llm)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from engine_harness import (
-    Req, kv_manager, make_llm, random_prompts, real_blocks, run, scheduler_of, shutdown,
+    Req, kv_manager, make_llm, preemption_workload, random_prompts, real_blocks, run,
+    run_with_preemption_log, scheduler_of, shutdown,
 )
 from tova_vllm.policies import cdiv
 from tova_vllm.reference import generate as reference_generate
@@ -187,24 +188,10 @@ def test_preemption_after_eviction_replays_exactly(tiny_models, hf_models):
     plus generated tokens, and must reproduce the uninterrupted result.
     """
     arch, cache_size = "llama_gqa", 96
-    requests = [Req(p, n, a) for p, n, a in zip(
-        random_prompts((10, 110, 120, 100), seed=4), (150, 100, 100, 60), (0, 1, 2, 3))]
-    preempted_after_eviction = []
-    llm = make_llm(tiny_models[arch], {"cache_size": cache_size}, num_blocks=11,
-                   max_model_len=320)
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    original = scheduler._preempt_request
-
-    def record(request, *args, **kwargs):
-        if request.num_computed_tokens > max(request.num_prompt_tokens, cache_size):
-            preempted_after_eviction.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = record
-    try:
-        got = run(llm, requests).tokens
-    finally:
-        shutdown(llm)
+    requests = preemption_workload()
+    result, preempted_after_eviction = run_with_preemption_log(tiny_models[arch], requests,
+                                                               cache_size)
+    got = result.tokens
     assert preempted_after_eviction, "nothing was preempted after its eviction started"
     assert got == _reference(hf_models[arch], requests, cache_size)
 

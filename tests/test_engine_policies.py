@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine_harness import Req, make_llm, random_prompts, run, scheduler_of, shutdown
+from engine_harness import (
+    Req, make_llm, preemption_workload, random_prompts, run, run_with_preemption_log, shutdown,
+)
 from tova_vllm.policies import EvictionPolicy
 from tova_vllm.reference import generate as reference_generate
 
@@ -79,24 +81,9 @@ def test_h2o_preemption_replays_accumulated_attention(tiny_models, hf_models):
     """Recompute after preemption rebuilds H2O's accumulated scores from scratch (in
     different scheduler chunks), and the outputs stay equal to the reference."""
     arch, cache_size = "llama_gqa", 96
-    requests = [Req(p, n, a, {"tova_policy": "h2o"}) for p, n, a in zip(
-        random_prompts((10, 110, 120, 100), seed=4), (150, 100, 100, 60), (0, 1, 2, 3))]
-    preempted = []
-    llm = make_llm(tiny_models[arch], {"cache_size": cache_size}, num_blocks=11,
-                   max_model_len=320)
-    scheduler = scheduler_of(llm)
-    original = scheduler._preempt_request
-
-    def record(request, *args, **kwargs):
-        if request.num_computed_tokens > max(request.num_prompt_tokens, cache_size):
-            preempted.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = record
-    try:
-        got = run(llm, requests).tokens
-    finally:
-        shutdown(llm)
+    requests = preemption_workload({"tova_policy": "h2o"})
+    result, preempted = run_with_preemption_log(tiny_models[arch], requests, cache_size)
+    got = result.tokens
     assert preempted, "nothing was preempted after its eviction started"
     for i, req in enumerate(requests):
         assert got[i] == _expected(hf_models[arch], req, cache_size, "h2o"), i
