@@ -1,15 +1,14 @@
 """A byte-level tokenizer whose token ids are simply ``byte + 3``.
 
-Built like ``tests/tiny_models.py::_tokenizer`` (a BPE with no merges over the GPT-2
-byte-level alphabet, ``ByteLevel`` pre-tokenizer without the split regex, a post-processor
-that prepends ``<s>``, saved through ``PreTrainedTokenizerFast``), with one difference:
-the byte symbols are numbered in *byte order*, so that
+A BPE with no merges over the GPT-2 byte-level alphabet, a ``ByteLevel`` pre-tokenizer
+without the split regex, a post-processor that prepends ``<s>``, saved through
+``PreTrainedTokenizerFast``; the byte symbols are numbered in *byte order*, so that
 
     id 0 = <pad>, id 1 = <s> (bos), id 2 = </s> (eos), id 3 + b = the byte b (0..255).
 
-(The test helper numbers the symbols in the sorted order of their unicode stand-ins,
-which is not byte order.)  With this numbering a training pipeline can encode raw bytes
-without the tokenizer: ``ids = numpy.frombuffer(data, numpy.uint8) + 3``.
+A training pipeline can then encode raw bytes without the tokenizer:
+``ids = numpy.frombuffer(data, numpy.uint8) + 3``.  The tests' tiny checkpoints
+(``tests/tiny_models.py``) use this tokenizer too.
 
 Usage::
 
@@ -106,7 +105,7 @@ def save_byte_tokenizer(out_dir, model_max_length: int = 2048):
     tok = build_byte_tokenizer(model_max_length)
     check_byte_tokenizer(tok)
     tok.save_pretrained(out_dir)
-    # Same fix as tests/tiny_models.py: some model types map to tokenizer classes that add
+    # transformers maps some model types (qwen2) to tokenizer classes that add
     # an "<|endoftext|>" unk token unless unk is explicitly absent; a byte-level vocabulary
     # needs none, and the extra id would exceed the model's vocab.
     cfg_path = out_dir / "tokenizer_config.json"

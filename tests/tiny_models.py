@@ -20,28 +20,26 @@ hundreds, so no softmax weight underflows to an exact 0 (which would create real
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# The byte-level tokenizer (ids = byte + 3) is the one the offline training script uses.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from byte_tokenizer import (  # noqa: E402
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    save_byte_tokenizer,
+)
+
 # Architectures every test grid runs over.  ``EXTRA_ARCHS`` are buildable too but only
 # used where a feature needs them (Qwen3's per-head q/k RMSNorm in the reference).
 ARCHS = ("llama_mha", "llama_gqa", "qwen2", "mistral")
 EXTRA_ARCHS = ("qwen3",)
-
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-NUM_SPECIAL = 3
-VOCAB_SIZE = NUM_SPECIAL + 256  # specials, then the 256 byte symbols
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 
 # Target standard deviation of the pre-softmax attention logits q.k*scale, and of the
 # output logits.  Measured effect on these models: the last query's largest attention
@@ -131,39 +129,6 @@ def _init_weights(model, spec: TinySpec, generator: torch.Generator) -> None:
             normal_(param, param.shape[-1] ** -0.5)
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    assert len(byte_symbols) == 256
-    vocab = {PAD_TOKEN: PAD_ID, BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID}
-    vocab.update({sym: NUM_SPECIAL + i for i, sym in enumerate(byte_symbols)})
-
-    # A BPE with no merges over the byte alphabet: every byte is one token, any text
-    # encodes, and nothing needs training.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A $B",
-        special_tokens=[(BOS_TOKEN, BOS_ID)],
-    )
-    tok.add_special_tokens([PAD_TOKEN, BOS_TOKEN, EOS_TOKEN])
-
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
 def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny random checkpoint of ``arch`` (one of ``ARCHS + EXTRA_ARCHS``) to
     ``out_dir`` and return it.  Deterministic in ``seed``."""
@@ -183,14 +148,7 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    _tokenizer().save_pretrained(out_dir)
-    # transformers maps some model types (qwen2) to their own tokenizer class, which adds
-    # an "<|endoftext|>" unk token unless unk is explicitly absent; a byte-level
-    # vocabulary needs none, and the extra id would exceed the model's vocab.
-    tok_cfg_path = out_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["unk_token"] = None
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+    save_byte_tokenizer(out_dir, model_max_length=4096)
 
     # Which tiny arch a directory holds, for humans and for test ids.
     (out_dir / "tiny_model.json").write_text(json.dumps({"arch": arch, "seed": seed}))
