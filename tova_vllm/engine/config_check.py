@@ -113,8 +113,9 @@ def _check_model(vllm_config) -> None:
 def _select_cuda_backend(vllm_config) -> None:
     """Route attention to TOVA's FlashAttention subclass (registered as CUSTOM).
 
-    Experimental: that backend has never run inside vLLM (its kernels and eviction
-    mechanism are tested stand-alone), so it needs an explicit opt-in.
+    Experimental: that backend has never run inside vLLM on a GPU (it runs in vLLM's
+    engine on CPU over torch stand-ins for FlashAttention's ops, and its Triton kernels ran
+    on a GPU stand-alone), so it needs an explicit opt-in.
     """
     if os.environ.get(EXPERIMENTAL_CUDA_ENV) != "1":
         raise NotImplementedError(

@@ -14,11 +14,13 @@ goes to the scoring kernel.  Otherwise vLLM's own ``forward`` runs and the scori
 computes the softmax itself (a second pass over the keys).
 
 Status: vLLM's CUDA build cannot be installed on the machines this was written on, so
-this module has never run inside vLLM.  Its parts did: the planner and builder logic run
-in every CPU engine test, ``PagedEvictor`` is tested on CPU tensors with the torch kernels
-and the interpreted Triton kernels (``tests/test_paged_eviction.py``, ``tests/test_kernels.py``),
-and the Triton kernels ran on an H100 (issue 6).  It is therefore only enabled with
-``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (see ``config_check.py``).
+this module has never run inside vLLM on a GPU.  It runs inside vLLM's engine on CPU in
+``tests/test_cuda_backend_on_cpu.py``: vLLM's FlashAttention code as is, with only its two
+compiled ops (``flash_attn_varlen_func``, ``reshape_and_cache_flash``) replaced by torch
+versions of their contracts, and equals the reference there (torch and interpreted Triton
+eviction kernels).  The Triton kernels ran on an H100 (issue 6).  Unverified: the real
+FlashAttention kernels under this backend, CUDA streams, speed in the engine.  It is
+therefore only enabled with ``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (see ``config_check.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionImpl,
     FlashAttentionMetadataBuilder,
 )
+from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .layer_setup import customize_tova_spec, setup_tova_impl
@@ -118,22 +121,27 @@ class TovaFlashAttentionImpl(FlashAttentionImpl):
             self._evictor = PagedEvictor(device, self.total_q_heads, self.scale, all_reduce)
         return self._evictor
 
+    def _kernel_returns_lse(self, md) -> bool:
+        """Whether the phase's attention can be one plain ``flash_attn_varlen_func`` call
+        asked for the log-sum-exp: FA2/3, causal, none of the masks vLLM adds itself."""
+        return (
+            self.vllm_flash_attn_version in (2, 3)
+            and md.causal is True
+            and getattr(md, "rswa_prefix_lens", None) is None
+            and getattr(md, "mm_prefix_query_range_tensor", None) is None
+        )
+
     def _attend(self, layer, q, k, v, kv_cache, phase: TovaPhaseMetadata,
                 out) -> Optional[torch.Tensor]:
         """Attention of one phase into ``out``; the per-token log-sum-exp ``[q_heads,
         tokens]`` when the phase evicts and the kernel can return it, else None."""
         md = phase.kernel
-        plain = (
-            phase.evictions is not None
-            and self.vllm_flash_attn_version in (2, 3)
-            and md.causal is True
-            and getattr(md, "rswa_prefix_lens", None) is None
-            and getattr(md, "mm_prefix_query_range_tensor", None) is None
-        )
-        if not plain:
+        if phase.evictions is None or not self._kernel_returns_lse(md):
             super().forward(layer, q, k, v, kv_cache, md, out)
             return None
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        # As vLLM's forward: FA3's TMA needs canonical strides on size-1 dims (one KV head).
+        key_cache, value_cache = (canonicalize_singleton_dim_strides(c) for c in
+                                  split_flash_kv_cache(kv_cache, self.head_size))
         _, lse = vllm_fa.flash_attn_varlen_func(
             q=q, k=key_cache, v=value_cache, out=out,
             cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
