@@ -139,7 +139,54 @@ def test_cuda_backend_chunked_prompt_mode_equals_reference(kernel_lse, tiny_mode
     assert any(calls) == kernel_lse and not all(calls)
 
 
-def test_cuda_backend_policies_share_one_engine(tiny_models, hf_models):
+@pytest.fixture
+def host_plan_checks(monkeypatch):
+    """Checks, at every TOVA metadata build, that the builder can plan from the runner's
+    host copies without reading the device: host seq_lens equal the device ones, and the
+    device block table is a view of one of the runner's block-table buffers (whose host
+    half ``step_context.host_block_table`` returns).  Yields the number of checked builds."""
+    from tova_vllm.engine import phased_builder, step_context
+
+    checked = []
+    original = phased_builder.TovaPhasedBuilder.build
+
+    def build(self, common_prefix_len, cm, fast_build=False):
+        if self.tova_spec is not None:
+            n = cm.num_reqs
+            assert cm.seq_lens_cpu_upper_bound[:n].tolist() == cm.seq_lens[:n].tolist()
+            table = cm.block_table_tensor[:n]
+            buffers = [t.block_table for t in
+                       step_context.current_runner().input_batch.block_table.block_tables]
+            assert any(b.gpu.data_ptr() == table.data_ptr() for b in buffers)
+            assert torch.equal(step_context.host_block_table(table), table)
+            checked.append(n)
+        return original(self, common_prefix_len, cm, fast_build)
+
+    monkeypatch.setattr(phased_builder.TovaPhasedBuilder, "build", build)
+    yield checked
+    assert checked, "no TOVA metadata was built"
+
+
+def test_host_block_table_is_the_runners_host_buffer():
+    """On CUDA the runner's block table has distinct host and device halves: the builder
+    must read the host half (no device read), and copy back only unknown tensors."""
+    from types import SimpleNamespace
+
+    from tova_vllm.engine.step_context import host_block_table, publishing_runner
+
+    device_half = torch.arange(40, dtype=torch.int32).view(4, 10)
+    host_half = device_half.clone()
+    buffer = SimpleNamespace(gpu=device_half, cpu=host_half)
+    runner = SimpleNamespace(input_batch=SimpleNamespace(block_table=SimpleNamespace(
+        block_tables=[SimpleNamespace(block_table=buffer)])))
+    with publishing_runner(runner):
+        got = host_block_table(device_half[:3])
+        assert got.data_ptr() == host_half.data_ptr() and got.shape == (3, 10)
+        other = torch.ones(2, 10, dtype=torch.int32)
+        assert torch.equal(host_block_table(other), other)
+
+
+def test_cuda_backend_policies_share_one_engine(tiny_models, hf_models, host_plan_checks):
     """Every policy (side state: positions, H2O's accumulated attention) in one engine."""
     arch = "llama_gqa"
     prompts = random_prompts((5, 70, 150), seed=11)
@@ -172,7 +219,8 @@ def test_cuda_backend_compiled_engine_equals_reference(tiny_models, hf_models):
         assert got[i] == _expected(hf_models[arch], req, 32), i
 
 
-def test_cuda_backend_preemption_after_eviction_replays_exactly(tiny_models, hf_models):
+def test_cuda_backend_preemption_after_eviction_replays_exactly(tiny_models, hf_models,
+                                                                host_plan_checks):
     arch, cache_size = "llama_gqa", 96
     requests = preemption_workload()
     with flash_attention_on_cpu():

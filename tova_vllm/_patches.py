@@ -234,11 +234,13 @@ PATCHES: dict[str, RuntimePatch] = {
         RuntimePatch(
             name="runner_publishes_batch",
             why="Attention metadata builders get lengths and block tables but not each "
-            "request's prompt length, which fixes where TOVA evicts.",
+            "request's prompt length, which fixes where TOVA evicts, nor the host copy of the "
+            "block table TOVA plans from (reading the device one back would make the host "
+            "wait for the GPU every step).",
             touches="vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata "
             "(wrapped: the runner is published to tova_vllm.engine.step_context while it runs)",
-            removal="Upstream a num_prompt_tokens field on CommonAttentionMetadata (the runner "
-            "already computes num_prompt_tokens_cpu for is_prefilling).",
+            removal="Upstream num_prompt_tokens_cpu and block_table_cpu fields on "
+            "CommonAttentionMetadata (the runner already has both; patches/03).",
             apply=_apply_runner_publishes_batch,
         ),
         RuntimePatch(

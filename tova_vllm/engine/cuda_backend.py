@@ -3,8 +3,13 @@
 Same design as the CPU backend (``cpu_backend.py``): a subclass of vLLM's FlashAttention
 backend that keeps its kernel, runs the step plan's phases (``phased_builder.py``), and
 evicts on the GPU after each phase with ``paged_eviction.PagedEvictor`` (Triton kernels:
-one-pass scoring from the attention kernel's log-sum-exp, fused argmin + move for decode;
-no host synchronisation in the decode path).
+one-pass scoring from the attention kernel's log-sum-exp, fused argmin + move for decode).
+
+Host waits: the builder plans from the runner's host copies (seq_lens, block table; see
+``step_context.host_block_table``) and sends the plan through pinned memory
+(``device_copy.py``), so a step of decodes never makes the host wait for the GPU, whatever
+the policies.  Prompt evictions (top-C, then a data-dependent number of moves) read back
+once per evicting layer and phase.
 
 Where the log-sum-exp comes from: for phases that evict, and with FlashAttention 2/3 and a
 plain configuration (no DCP, no sliding window, no soft-cap, no quantized cache: all

@@ -32,6 +32,7 @@ from ..policies import (
     slots_to_keep,
 )
 from .plan import EvictionBatch, QueryBatch
+from .device_copy import host_to_device
 from .side_state import SlotSideState, policy_keep_scores
 
 
@@ -49,6 +50,8 @@ class _DeviceRows:
     query_index: torch.Tensor
     query_position: torch.Tensor
     keep: torch.Tensor
+    #: [E, S] global cache slot of each row's positions; made when a policy needs it.
+    slot_ids: Optional[torch.Tensor] = None
 
 
 def _device_rows(ev: EvictionBatch, block_size: int, device: torch.device) -> _DeviceRows:
@@ -59,9 +62,11 @@ def _device_rows(ev: EvictionBatch, block_size: int, device: torch.device) -> _D
         # (padding positions map to position 0's block, valid memory that is never read).
         table = ev.block_ids[:, ::block_size].to(torch.int32)
         cache[device] = _DeviceRows(
-            table=table.to(device), live=ev.live.to(torch.int32).to(device),
-            query_index=ev.query_index.to(device), query_position=ev.query_position.to(device),
-            keep=ev.keep.to(device),
+            table=host_to_device(table, device),
+            live=host_to_device(ev.live.to(torch.int32), device),
+            query_index=host_to_device(ev.query_index, device),
+            query_position=host_to_device(ev.query_position, device),
+            keep=host_to_device(ev.keep, device),
         )
     return cache[device]
 
@@ -106,7 +111,10 @@ class PagedEvictor:
                 self.kernels.decode_evict(scores, rows.live, key_cache, value_cache, rows.table)
                 return
         else:
-            slot_ids = (ev.block_ids * block_size + ev.block_offsets).to(key_cache.device)
+            if rows.slot_ids is None:
+                rows.slot_ids = host_to_device(ev.block_ids * block_size + ev.block_offsets,
+                                               key_cache.device)
+            slot_ids = rows.slot_ids
             scores = policy_keep_scores(
                 policies, slot_ids, rows.keep, rows.query_position, side,
                 lambda select: self._tova_scores(query, key_cache, rows, width, lse, select))
@@ -123,9 +131,17 @@ class PagedEvictor:
                 row_l.append(torch.full_like(src_e, e))
             src, dst, row = torch.cat(src_l), torch.cat(dst_l), torch.cat(row_l)
         if policies is not None and side is not None:
-            active = (row >= 0) & (src != dst)
-            r = row[active]
-            side.move(slot_ids[r, src[active]], slot_ids[r, dst[active]])
+            if ev.one_drop_each:
+                # Fixed shapes (no wait for the device): move e is eviction row e's, and a
+                # row that keeps its slots copies one of its own slots onto itself.
+                e = torch.arange(src.shape[0], device=src.device)
+                src_slots = slot_ids[e, src.clamp(min=0)]
+                dst_slots = torch.where(row >= 0, slot_ids[e, dst.clamp(min=0)], src_slots)
+                side.move(src_slots, dst_slots)
+            else:
+                active = (row >= 0) & (src != dst)
+                r = row[active]
+                side.move(slot_ids[r, src[active]], slot_ids[r, dst[active]])
         self.kernels.compact_paged(key_cache, value_cache, rows.table, src, dst, row)
 
     def accumulate(self, query: torch.Tensor, key_cache: torch.Tensor, batch: QueryBatch,
@@ -133,15 +149,16 @@ class PagedEvictor:
         """H2O: add every query's head-mean softmax weights to the slots it attends to."""
         device = key_cache.device
         block_size = key_cache.shape[1]
-        slot_ids = batch.slot_ids.to(device)
-        in_use = batch.in_use.to(device)
+        cache = batch.__dict__.setdefault("_on_device", {})  # copied once, for all layers
+        if device not in cache:
+            cache[device] = tuple(host_to_device(t, device) for t in (
+                batch.slot_ids, batch.in_use, batch.query_index, batch.visible))
+        slot_ids, in_use, query_index, visible = cache[device]
         width = slot_ids.shape[1]
         table = (slot_ids[:, ::block_size] // block_size).to(torch.int32)
         live = in_use.sum(dim=1)
         keys = gather_keys(key_cache, table, live, width).float()  # [E, H, S, D]
         kv_heads, head_dim = keys.shape[1], keys.shape[3]
-        query_index = batch.query_index.to(device)
-        visible = batch.visible.to(device)
         total = None
         for first in range(0, query_index.shape[1], query_block):
             part = slice(first, first + query_block)
@@ -153,5 +170,7 @@ class PagedEvictor:
             total = summed if total is None else total + summed
         if self.all_reduce is not None:
             total = self.all_reduce(total)
+        # Fixed shapes (no boolean indexing, so no wait for the device): padding positions
+        # are visible to no query, so they add exactly 0.0 to position 0's slot.
         increment = total / self.total_q_heads
-        side.add_attention(slot_ids[in_use], increment[in_use])
+        side.add_attention(slot_ids.flatten(), increment.flatten())

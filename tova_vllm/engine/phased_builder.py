@@ -14,9 +14,10 @@ import torch
 
 from ..config import settings_from_additional_config
 from ..policies import EvictionPolicy
+from .device_copy import host_to_device
 from .plan import EvictionBatch, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
-from .step_context import batch_rows
+from .step_context import batch_rows, host_block_table
 
 
 @dataclass
@@ -56,9 +57,13 @@ class TovaPhasedBuilder:
         num_reqs = cm.num_reqs
         if self.tova_spec is None:
             return super().build(common_prefix_len, cm, fast_build)
-        # On CUDA this is the step's one host synchronisation (builders run once per step
-        # and KV group, not per layer); the plan is made on the host.
-        seq_lens = cm.seq_lens[:num_reqs].tolist()
+        # The plan is made on the host, from host copies: no wait for the device.  The
+        # runner's host seq_lens are exact except for async speculative decoding (TOVA
+        # refuses speculative decoding).
+        host_seq_lens = cm.seq_lens_cpu_upper_bound
+        if host_seq_lens is None:  # not filled by this runner: read the device copy
+            host_seq_lens = cm.seq_lens.cpu()
+        seq_lens = host_seq_lens[:num_reqs].tolist()
         prompt_lens, budgets, policies = batch_rows(num_reqs, self.settings)
         side_state = any(p.needs_positions for p in policies)
         if not side_state and all(n <= c for n, c in zip(seq_lens, budgets)):
@@ -79,12 +84,12 @@ class TovaPhasedBuilder:
                 )
             )
         block_table = cm.block_table_tensor[:num_reqs]
-        host_table = block_table.cpu()
+        host_table = host_block_table(block_table)
         plan = plan_step(requests, host_table, self.block_size)
         device = cm.slot_mapping.device
 
         def on_device(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else host_to_device(t, device)
 
         # vLLM's own KV write (before attention, same slot tensor, updated in place) stores
         # the first phase; later phases are written in forward(), after their eviction.
@@ -104,7 +109,7 @@ class TovaPhasedBuilder:
                                       seq_lens_cpu_upper_bound=phase.cache_lens,
                                       max_seq_len=max_seq_len, slot_mapping=slots)
             else:
-                rows = torch.tensor(phase.rows, dtype=torch.long, device=device)
+                rows = host_to_device(torch.tensor(phase.rows, dtype=torch.long), device)
                 phase_cm = cm.replace(
                     query_start_loc=on_device(phase.query_start_loc),
                     query_start_loc_cpu=phase.query_start_loc,

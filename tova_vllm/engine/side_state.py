@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..policies import EvictionPolicy
+from .device_copy import host_to_device
 
 
 class SlotSideState:
@@ -57,7 +58,7 @@ def policy_keep_scores(
     for e, policy in enumerate(policies):
         groups.setdefault(policy, []).append(e)
     for policy, members in groups.items():
-        rows = torch.tensor(members, dtype=torch.long, device=slot_ids.device)
+        rows = host_to_device(torch.tensor(members, dtype=torch.long), slot_ids.device)
         inputs = {}
         if policy.needs_last_query_probs:
             inputs["last_query_probs"] = last_query_probs(rows)

@@ -1,8 +1,10 @@
 """Per-request facts that vLLM does not put into ``CommonAttentionMetadata``.
 
-TOVA's eviction points depend on each request's prompt length and budget, but attention metadata builders only see lengths and block tables.  The
-``runner_publishes_batch`` patch (see ``tova_vllm/_patches.py``) records the model runner
-while it builds attention metadata; the TOVA builder reads the batch's rows from it.
+TOVA's eviction points depend on each request's prompt length and budget, but attention
+metadata builders only see lengths and block tables (the block table only on the device).
+The ``runner_publishes_batch`` patch (see ``tova_vllm/_patches.py``) records the model runner
+while it builds attention metadata; the TOVA builder reads the batch's rows, and the host
+copy of its block table, from it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from typing import Any, Iterator, Optional
+
+import torch
 
 from ..config import TovaSettings, resolve_request
 from ..policies import EvictionPolicy
@@ -49,3 +53,17 @@ def batch_rows(num_reqs: int, settings: TovaSettings
         budgets.append(budget)
         policies.append(policy)
     return batch.num_prompt_tokens[:num_reqs].tolist(), budgets, policies
+
+
+def host_block_table(block_table: torch.Tensor) -> torch.Tensor:
+    """The rows of ``block_table`` (a view of one of the runner's device block tables) from
+    the runner's host copy, which it filled and committed before building metadata; so
+    planning on CUDA does not wait for the device.  Falls back to copying it back."""
+    runner = current_runner()
+    if runner is not None:
+        for table in runner.input_batch.block_table.block_tables:
+            buffer = table.block_table
+            if buffer.gpu.data_ptr() == block_table.data_ptr():
+                num_rows, width = block_table.shape
+                return buffer.cpu[:num_rows, :width]
+    return block_table.cpu()
