@@ -48,7 +48,7 @@ def make_llm(model_dir, tova: Optional[dict] = None, *, block_size: int = 32,
     if num_blocks is not None:
         extra["num_gpu_blocks_override"] = num_blocks
     return LLM(
-        model=str(model_dir), dtype="float32", max_model_len=max_model_len,
+        model=str(model_dir), dtype=kwargs.pop("dtype", "float32"), max_model_len=max_model_len,
         block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs, enforce_eager=kwargs.pop("enforce_eager", True),
         seed=0, **extra, **kwargs,

@@ -98,14 +98,15 @@ def test_stand_in_cache_write_uses_slots_and_skips_negative_ones():
 # --- TOVA's CUDA backend in the engine -----------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2"])
-def test_cuda_backend_equals_reference(arch, tiny_models, hf_models):
+@pytest.mark.parametrize("arch,block_size", [("llama_gqa", 32), ("qwen2", 16)])
+def test_cuda_backend_equals_reference(arch, block_size, tiny_models, hf_models):
     """Budgets 16 and 64 in one engine (per-request budget), prompt mode, chunked prefill
-    (prompts up to 300 > 64 batched tokens), staggered arrivals."""
+    (prompts up to 300 > 64 batched tokens), staggered arrivals; FlashAttention's usual
+    block size 16 and 32."""
     prompts = random_prompts((5, 20, 70, 150, 300), seed=0)
     requests = [Req(p, 16, a, {"tova_cache_size": c})
                 for c in (16, 64) for p, a in zip(prompts, (0, 0, 3, 5, 9))]
-    got = _run(tiny_models[arch], {"cache_size": 64}, requests).tokens
+    got = _run(tiny_models[arch], {"cache_size": 64}, requests, block_size=block_size).tokens
     for i, req in enumerate(requests):
         assert got[i] == _expected(hf_models[arch], req, req.extra_args["tova_cache_size"]), i
 
@@ -207,6 +208,22 @@ def test_cuda_backend_without_eviction_is_bit_identical_to_vanilla(tiny_models):
     tova = _run(tiny_models["llama_gqa"], {"cache_size": 1024}, requests)
     assert tova.tokens == vanilla.tokens
     assert tova.logprobs == vanilla.logprobs
+
+
+def test_cuda_backend_in_bfloat16(tiny_models):
+    """FlashAttention's dtypes (bf16): C >= length is bit-identical to the plugin off, and
+    with eviction every layer scores, selects and compacts a bf16 cache (``_run`` checks
+    the evictors ran).  Tokens under eviction are not compared with the fp32 reference:
+    bf16 rounding legitimately flips near-tied choices."""
+    requests = [Req(p, 12, a) for p, a in zip(random_prompts((5, 70, 150), seed=3), (0, 1, 2))]
+    model = tiny_models["llama_gqa"]
+    vanilla = _run(model, None, requests, dtype="bfloat16")
+    unbounded = _run(model, {"cache_size": 1024}, requests, dtype="bfloat16")
+    assert unbounded.tokens == vanilla.tokens and unbounded.logprobs == vanilla.logprobs
+    bounded = _run(model, {"cache_size": 24}, requests, dtype="bfloat16")
+    assert [len(bounded.tokens[i]) for i in range(3)] == [12] * 3
+    assert bounded.tokens[0] == vanilla.tokens[0]  # 5 + 12 tokens never exceed C = 24
+    assert bounded.tokens != vanilla.tokens
 
 
 def test_cuda_backend_compiled_engine_equals_reference(tiny_models, hf_models):
