@@ -46,8 +46,10 @@ def _eviction_batch(table: torch.Tensor, live: list[int], keep: list[int], query
 
 def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype=torch.float32,
              use_lse: bool = False, kv_heads: int = 2, group: int = 4, head_dim: int = 64,
-             block_size: int = 16, seed: int = 0, device: str = "cpu") -> None:
-    """Build on the host, evict on ``device``, compare on the host."""
+             block_size: int = 16, seed: int = 0, device: str = "cpu",
+             forbid_sync: bool = False) -> None:
+    """Build on the host, evict on ``device``, compare on the host.  ``forbid_sync`` (CUDA):
+    the eviction call fails if it makes the host wait for the device."""
     g = torch.Generator().manual_seed(seed)
     rows = 3 if policies is None else len(policies)
     keep = [int(k) for k in torch.randint(5, 40, (rows,), generator=g)]
@@ -130,10 +132,18 @@ def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype
     side_dev.positions.copy_(side.positions)
     side_dev.accumulated.copy_(side.accumulated)
     evictor = PagedEvictor(dev, q_heads, scale, backend=backend)
-    evictor.evict(query.to(dev), *split_flash_kv_cache(kv_dev, head_dim), ev,
-                  lse=None if lse is None else lse.to(dev),
-                  policies=None if policies is None else [EvictionPolicy(n) for n in policies],
-                  side=None if policies is None else side_dev)
+    query_dev, lse_dev = query.to(dev), None if lse is None else lse.to(dev)
+    guard = forbid_sync and dev.type == "cuda"
+    if guard:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        evictor.evict(query_dev, *split_flash_kv_cache(kv_dev, head_dim), ev, lse=lse_dev,
+                      policies=None if policies is None else [EvictionPolicy(n) for n in policies],
+                      side=None if policies is None else side_dev)
+    finally:
+        if guard:
+            torch.cuda.set_sync_debug_mode(0)
     key_cache, value_cache = split_flash_kv_cache(kv_dev.cpu(), head_dim)
     side.positions.copy_(side_dev.positions.cpu())
     side.accumulated.copy_(side_dev.accumulated.cpu())

@@ -24,12 +24,13 @@ def cuda(monkeypatch):
     monkeypatch.delenv(config_check.EXPERIMENTAL_CUDA_ENV, raising=False)
 
 
-def _config(backend=None):
+def _config(backend=None, use_ubatching=False):
     return SimpleNamespace(
         speculative_config=None, kv_transfer_config=None,
         cache_config=SimpleNamespace(kv_offloading_size=None, cache_dtype="auto"),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1,
-                                        prefill_context_parallel_size=1),
+                                        prefill_context_parallel_size=1,
+                                        use_ubatching=use_ubatching),
         attention_config=SimpleNamespace(backend=backend),
     )
 
@@ -55,6 +56,8 @@ def test_cuda_routes_attention_to_the_tova_flash_backend(cuda, monkeypatch):
         assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     with pytest.raises(config_check.IncompatibleWithTova, match="FLASHINFER"):
         config_check._check_features(_config(AttentionBackendEnum.FLASHINFER))
+    with pytest.raises(config_check.IncompatibleWithTova, match="micro-batching"):
+        config_check._check_features(_config(use_ubatching=True))
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(config_check.IncompatibleWithTova, match="V2_MODEL_RUNNER"):
         config_check._check_features(_config())

@@ -81,6 +81,9 @@ def _check_features(vllm_config) -> None:
         parallel, "prefill_context_parallel_size", 1
     ) > 1:
         _reject("context parallelism (each rank would score a shard of the tokens)")
+    if getattr(parallel, "use_ubatching", False):
+        _reject("micro-batching (enable_dbo / ubatch_size: each micro-batch's metadata is "
+                "built for a slice of the batch, which TOVA's planner reads whole)")
 
 
 def _check_model(vllm_config) -> None:
