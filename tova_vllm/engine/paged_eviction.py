@@ -31,8 +31,8 @@ from ..policies import (
     slot_to_drop,
     slots_to_keep,
 )
-from .plan import EvictionBatch, QueryBatch
 from .device_copy import host_to_device
+from .plan import EvictionBatch, QueryBatch
 from .side_state import SlotSideState, policy_keep_scores
 
 
