@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU run (a lent machine: torch + Triton, no vLLM; minutes of budget):
 #   1. the Triton kernels against the torch oracle, and the CUDA backend's eviction step
-#      (engine/paged_eviction.py) with them on CUDA tensors, including a decode step run
-#      under torch.cuda.set_sync_debug_mode("error") (tests/test_kernels.py);
+#      (engine/paged_eviction.py) with them on CUDA tensors, including decode and prompt
+#      evictions run under torch.cuda.set_sync_debug_mode("error") (tests/test_kernels.py);
 #   2. the kernel benchmark: scoring GB/s vs the measured copy bandwidth, and the decode
 #      step's eviction vs attention alone, in the same run.
 # Output goes to $OUT (the device tool brings it back) or build/gpu-checks.

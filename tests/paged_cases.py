@@ -128,7 +128,7 @@ def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype
                          [int(p.max()) for p in dense_pos], block_size)
     dev = torch.device(device)
     kv_dev = kv_cache.to(dev)
-    side_dev = SlotSideState(side.positions.numel(), dev)
+    side_dev = SlotSideState(side.num_slots, dev)
     side_dev.positions.copy_(side.positions)
     side_dev.accumulated.copy_(side.accumulated)
     evictor = PagedEvictor(dev, q_heads, scale, backend=backend)

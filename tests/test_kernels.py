@@ -530,12 +530,13 @@ def test_paged_evictor_with_triton_kernels(decode, use_lse):
 @pytest.mark.parametrize("policies", [None, ["tova", "h2o", "window", "sink_window"]],
                          ids=["tova", "mixed-policies"])
 @pytest.mark.parametrize("use_lse", [False, True], ids=["softmax", "lse"])
-def test_decode_eviction_never_makes_the_host_wait(policies, use_lse):
-    """The decode step's eviction (scores, selection, compaction, side state, and the
-    plan's host-to-device copies) runs with torch.cuda.set_sync_debug_mode("error")."""
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prompt"])
+def test_eviction_never_makes_the_host_wait(decode, policies, use_lse):
+    """An eviction step (scores, selection, compaction, side state, and the plan's
+    host-to-device copies) runs with torch.cuda.set_sync_debug_mode("error")."""
     from paged_cases import run_case
 
-    run_case(backend="triton", decode=True, policies=policies, use_lse=use_lse, seed=5,
+    run_case(backend="triton", decode=decode, policies=policies, use_lse=use_lse, seed=5,
              device=DEVICE, forbid_sync=True)
 
 

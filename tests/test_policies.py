@@ -12,6 +12,7 @@ from tova_vllm.policies import (
     EvictionSchedule,
     compaction_moves,
     head_summed_probs,
+    prompt_eviction_moves,
     slot_to_drop,
     slots_to_keep,
     tova_scores,
@@ -245,6 +246,33 @@ def test_compaction_moves_pack_kept_slots(seed):
     assert all(cache[j] == j for j in kept.tolist() if j < keep)
     assert src.tolist() == sorted(src.tolist()) and dst.tolist() == sorted(dst.tolist())
     assert all(s >= keep for s in src.tolist()) and all(d < keep for d in dst.tolist())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prompt_eviction_moves_equal_the_per_row_rules(seed):
+    """The batched fixed-shape prompt selection (the CUDA path's, no host read-back) makes
+    exactly the moves of slots_to_keep + compaction_moves row by row: tied scores, any
+    padding values, a loose max_keep bound."""
+    g = torch.Generator().manual_seed(seed)
+    rows, width = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 50, (1,), generator=g))
+    live = torch.randint(1, width + 1, (rows,), generator=g)
+    keep = torch.stack([torch.randint(1, int(n) + 1, (1,), generator=g)[0] for n in live])
+    scores = torch.rand(rows, width, generator=g, dtype=torch.float64)
+    if seed % 2:
+        scores = (scores * 3).floor()  # many ties
+    padding = torch.arange(width).unsqueeze(0) >= live.unsqueeze(1)
+    scores[padding] = (float("inf"), float("nan"), 5.0)[seed % 3]
+    max_keep = int(keep.max()) + seed % 3
+    src, dst, row = prompt_eviction_moves(scores, live, keep, max_keep)
+    assert src.shape == dst.shape == row.shape == (rows * min(max_keep, width),)
+    total = 0
+    for e in range(rows):
+        kept = slots_to_keep(scores[e, : live[e]], int(keep[e]))
+        want_src, want_dst = compaction_moves(kept, int(keep[e]))
+        mine = row == e
+        assert torch.equal(src[mine], want_src) and torch.equal(dst[mine], want_dst), e
+        total += want_src.numel()
+    assert int((row >= 0).sum()) == total and bool(((row == -1) | (row >= 0)).all())
 
 
 # --------------------------------------------------------------------------- baselines

@@ -28,10 +28,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from ..policies import (
     EvictionPolicy,
     accumulated_from_logits,
-    compaction_moves,
     head_summed_probs_from_logits,
+    prompt_eviction_moves,
     slot_to_drop,
-    slots_to_keep,
     tova_scores,
 )
 from .cpu_layout import copy_positions, last_query_logits, many_query_logits, probe_page_layout
@@ -147,13 +146,9 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             rows = torch.arange(len(ev.keep_list))
             src, dst = ev.keep, slot_to_drop(scores, ev.live)
         else:
-            rows_l, src_l, dst_l = [], [], []
-            for e, (live, keep) in enumerate(zip(ev.live_list, ev.keep_list)):
-                src_e, dst_e = compaction_moves(slots_to_keep(scores[e, :live], keep), keep)
-                rows_l.append(torch.full_like(src_e, e))
-                src_l.append(src_e)
-                dst_l.append(dst_e)
-            rows, src, dst = torch.cat(rows_l), torch.cat(src_l), torch.cat(dst_l)
+            src, dst, rows = prompt_eviction_moves(scores, ev.live, ev.keep, max(ev.keep_list))
+            moving = rows >= 0
+            rows, src, dst = rows[moving], src[moving], dst[moving]
         copy_positions(pages, layout, ev.block_ids[rows, src], ev.block_offsets[rows, src],
                        ev.block_ids[rows, dst], ev.block_offsets[rows, dst])
         if policies is not None:

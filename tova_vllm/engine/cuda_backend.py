@@ -7,9 +7,8 @@ one-pass scoring from the attention kernel's log-sum-exp, fused argmin + move fo
 
 Host waits: the builder plans from the runner's host copies (seq_lens, block table; see
 ``step_context.host_block_table``) and sends the plan through pinned memory
-(``device_copy.py``), so a step of decodes never makes the host wait for the GPU, whatever
-the policies.  Prompt evictions (top-C, then a data-dependent number of moves) read back
-once per evicting layer and phase.
+(``device_copy.py``), and eviction uses fixed-shape move lists (``paged_eviction.py``), so
+no step makes the host wait for the GPU, whatever the policies and phases.
 
 Where the log-sum-exp comes from: for phases that evict, and with FlashAttention 2/3 and a
 plain configuration (no DCP, no sliding window, no soft-cap, no quantized cache: all

@@ -8,11 +8,15 @@ Per layer and phase, for the phase's eviction rows (``plan.EvictionBatch``):
 
 * TOVA only (the common case): ``paged_tova_scores`` from the attention kernel's
   log-sum-exp when the backend has it (one pass over K; otherwise the kernel computes the
-  softmax itself), then ``decode_evict`` (argmin + move, one launch, no host sync) for
-  steady decode, or top-C + compaction for prompt evictions;
+  softmax itself), then ``decode_evict`` (argmin + move, one launch) for steady decode,
+  or top-C for all rows at once (``policies.prompt_eviction_moves``) + the compaction
+  kernel for prompt evictions;
 * other policies: their keep scores (``policies/eviction.py``) from the per-slot side
   state, the shared selection rules, and the same compaction kernel; the side state moves
   with the K/V.
+
+Every move list has a fixed shape (idle entries: row -1) and the plan reaches the device
+through pinned memory, so no eviction makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -27,9 +31,8 @@ from ..kernels.torch_ref import gather_keys
 from ..policies import (
     EvictionPolicy,
     accumulated_from_logits,
-    compaction_moves,
+    prompt_eviction_moves,
     slot_to_drop,
-    slots_to_keep,
 )
 from .device_copy import host_to_device
 from .plan import EvictionBatch, QueryBatch
@@ -118,30 +121,16 @@ class PagedEvictor:
             scores = policy_keep_scores(
                 policies, slot_ids, rows.keep, rows.query_position, side,
                 lambda select: self._tova_scores(query, key_cache, rows, width, lse, select))
+        # Fixed-shape move lists (idle entries: row -1), so neither decode nor prompt
+        # evictions make the host wait for the device.
         if ev.one_drop_each:
             drop = slot_to_drop(scores, rows.live.long())
             src, dst, row = self.kernels.decode_moves(drop, rows.live)
         else:
-            src_l, dst_l, row_l = [], [], []
-            for e, (live, keep) in enumerate(zip(ev.live_list, ev.keep_list)):
-                kept = slots_to_keep(scores[e, :live], keep)
-                src_e, dst_e = compaction_moves(kept, keep)
-                src_l.append(src_e)
-                dst_l.append(dst_e)
-                row_l.append(torch.full_like(src_e, e))
-            src, dst, row = torch.cat(src_l), torch.cat(dst_l), torch.cat(row_l)
+            src, dst, row = prompt_eviction_moves(scores, rows.live, rows.keep,
+                                                  max(ev.keep_list))
         if policies is not None and side is not None:
-            if ev.one_drop_each:
-                # Fixed shapes (no wait for the device): move e is eviction row e's, and a
-                # row that keeps its slots copies one of its own slots onto itself.
-                e = torch.arange(src.shape[0], device=src.device)
-                src_slots = slot_ids[e, src.clamp(min=0)]
-                dst_slots = torch.where(row >= 0, slot_ids[e, dst.clamp(min=0)], src_slots)
-                side.move(src_slots, dst_slots)
-            else:
-                active = (row >= 0) & (src != dst)
-                r = row[active]
-                side.move(slot_ids[r, src[active]], slot_ids[r, dst[active]])
+            side.move_rows(slot_ids, src, dst, row)
         self.kernels.compact_paged(key_cache, value_cache, rows.table, src, dst, row)
 
     def accumulate(self, query: torch.Tensor, key_cache: torch.Tensor, batch: QueryBatch,

@@ -16,17 +16,19 @@ from .device_copy import host_to_device
 
 class SlotSideState:
     """Logical position (int32) and accumulated attention (fp32) of every cache slot of
-    one layer: written with the K/V, moved by the same compaction."""
+    one layer: written with the K/V, moved by the same compaction.  One spare entry past
+    the last slot absorbs the idle entries of fixed-shape move lists."""
 
     def __init__(self, num_slots: int, device: torch.device) -> None:
-        self.positions = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        self.accumulated = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.num_slots = num_slots
+        self.positions = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+        self.accumulated = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
 
     @classmethod
     def sized(cls, current: Optional["SlotSideState"], num_slots: int,
               device: torch.device) -> "SlotSideState":
         """``current`` when it covers ``num_slots``, else a fresh state (made on first use)."""
-        if current is not None and current.positions.numel() == num_slots:
+        if current is not None and current.num_slots == num_slots:
             return current
         return cls(num_slots, device)
 
@@ -37,6 +39,18 @@ class SlotSideState:
     def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         for side in (self.positions, self.accumulated):
             side[dst_slots] = side[src_slots]
+
+    def move_rows(self, slot_ids: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  row: torch.Tensor) -> None:
+        """Fixed-shape moves (no boolean indexing, so no wait for the device): entry i moves
+        row ``row[i]``'s cache position ``src[i]`` to ``dst[i]`` (``slot_ids``: ``[rows,
+        positions]`` global slots); idle entries (``row < 0`` or ``src == dst``) copy the
+        spare entry onto itself, so they can collide with no real move."""
+        active = (row >= 0) & (src != dst)
+        r = row.clamp(min=0)
+        spare = torch.full_like(src, self.num_slots)
+        self.move(torch.where(active, slot_ids[r, src.clamp(min=0)], spare),
+                  torch.where(active, slot_ids[r, dst.clamp(min=0)], spare))
 
     def add_attention(self, slots: torch.Tensor, increment: torch.Tensor) -> None:
         self.accumulated.index_put_((slots,), increment, accumulate=True)

@@ -12,7 +12,7 @@ from .eviction import (
 )
 from .schedule import EvictionSchedule, cdiv
 from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
-from .selection import compaction_moves, slot_to_drop, slots_to_keep
+from .selection import compaction_moves, prompt_eviction_moves, slot_to_drop, slots_to_keep
 
 __all__ = [
     "DEFAULT_SINKS",
@@ -25,6 +25,7 @@ __all__ = [
     "gqa_logits",
     "head_summed_probs",
     "head_summed_probs_from_logits",
+    "prompt_eviction_moves",
     "slot_to_drop",
     "slots_to_keep",
     "tova_scores",

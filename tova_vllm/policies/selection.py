@@ -40,3 +40,45 @@ def compaction_moves(kept: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch
     is_hole[kept[kept < keep]] = False
     holes = torch.nonzero(is_hole).flatten()
     return sources, holes
+
+
+def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.Tensor,
+                          max_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched prompt eviction with fixed shapes (no data-dependent sizes, so a device
+    never has to report back): row e keeps the ``keep[e]`` best of its ``live[e]`` slots,
+    ranked as :func:`slots_to_keep` does, and packs them as :func:`compaction_moves` does.
+
+    ``scores``: ``[rows, slots]`` (columns at or past ``live`` are padding); ``max_keep``:
+    a host bound ``>= keep.max()``.  Returns ``(src, dst, row)``, each ``[rows * max_keep]``;
+    entries with ``row == -1`` are not moves.
+    """
+    rows, width = scores.shape
+    max_keep = min(max_keep, width)  # keep <= live <= width
+    device = scores.device
+    live, keep = live.to(device).long(), keep.to(device).long()
+    slot_ids = torch.arange(width, device=device)
+    padding = slot_ids.unsqueeze(0) >= live.unsqueeze(1)
+    order = torch.sort(scores.masked_fill(padding, float("-inf")), dim=-1, descending=True,
+                       stable=True).indices[:, :max_keep]
+    rank = torch.arange(max_keep, device=device).unsqueeze(0)
+    in_row = rank < keep.unsqueeze(1)
+    # Kept slots ascending; the `width` sentinel fills ranks past the row's keep.
+    kept = torch.sort(torch.where(in_row, order, width), dim=-1).values
+    is_source = in_row & (kept >= keep.unsqueeze(1))
+    # Holes: positions below the row's keep that no kept slot occupies (one spare column
+    # takes the scatter of kept slots that are not below it).
+    hole = torch.ones(rows, max_keep + 1, dtype=torch.bool, device=device)
+    hole.scatter_(1, torch.where(kept < keep.unsqueeze(1), kept, max_keep), False)
+    is_hole = hole[:, :max_keep] & in_row
+
+    def by_rank(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # The i-th True entry of each row goes to column i; the rest to the spare column.
+        column = torch.where(mask, mask.long().cumsum(dim=1) - 1, max_keep)
+        out = torch.zeros(rows, max_keep + 1, dtype=torch.long, device=device)
+        return out.scatter_(1, column, values)[:, :max_keep]
+
+    src = by_rank(is_source, kept)
+    dst = by_rank(is_hole, rank.expand(rows, -1))
+    moves = is_source.sum(dim=1, keepdim=True)
+    row = torch.where(rank < moves, torch.arange(rows, device=device).unsqueeze(1), -1)
+    return src.flatten(), dst.flatten(), row.flatten()
