@@ -693,6 +693,24 @@ def markdown_tables(results: dict) -> str:
     return "".join(parts)
 
 
+def _plot_policies(ax, table: dict, metric: str, xlabel: str, title: str,
+                   ylabel: Optional[str] = None) -> list[float]:
+    """One line per policy of ``metric`` against the budget fraction (log2 x axis);
+    returns the plotted values."""
+    values = []
+    for name, row in table.items():
+        pts = [(c["fraction"], c[metric]) for c in row.values() if c[metric] is not None]
+        values += [v for _, v in pts]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return values
+
+
 def plot(results: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -707,35 +725,18 @@ def plot(results: dict, path: Path) -> bool:
     ppl = results.get("perplexity")
     if ppl:
         backend = "reference" if "reference" in ppl["tables"] else next(iter(ppl["tables"]))
-        values = []
-        for name, row in ppl["tables"][backend].items():
-            pts = [(c["fraction"], c["perplexity"]) for c in row.values()
-                   if c["perplexity"] is not None]
-            values += [v for _, v in pts]
-            left.plot(*zip(*pts), marker="o", label=name)
-        left.set_xscale("log", base=2)
+        values = _plot_policies(left, ppl["tables"][backend], "perplexity", "cache budget C / N",
+                                f"Perplexity ({backend}, N={results['settings']['length']})")
         if values and max(values) / min(values) > 20:
             left.set_yscale("log")
-        left.set_xlabel("cache budget C / N")
-        left.set_ylabel("perplexity")
-        left.set_title(f"Perplexity ({backend}, N={results['settings']['length']})")
-        left.grid(True, which="both", alpha=0.3)
-        left.legend()
     else:
         left.set_axis_off()
     probe = results.get("retrieval")
     if probe:
-        for name, row in probe["table"].items():
-            pts = [(c["fraction"], c["accuracy"]) for c in row.values()
-                   if c["accuracy"] is not None]
-            right.plot(*zip(*pts), marker="o", label=name)
-        right.set_xscale("log", base=2)
+        _plot_policies(right, probe["table"], "accuracy", "cache budget C / probe length",
+                       f"Key-value retrieval (~{probe['probe_length']} tokens)",
+                       ylabel="exact-match accuracy")
         right.set_ylim(-0.05, 1.05)
-        right.set_xlabel("cache budget C / probe length")
-        right.set_ylabel("exact-match accuracy")
-        right.set_title(f"Key-value retrieval (~{probe['probe_length']} tokens)")
-        right.grid(True, which="both", alpha=0.3)
-        right.legend()
     else:
         right.set_axis_off()
     fig.suptitle(Path(results["model"]).name or results["model"])

@@ -100,22 +100,21 @@ class TovaSettings:
         return settings
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _int_at_least(minimum: int, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise TovaConfigError(
-            f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= 1, '
+            f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= {minimum}, '
             f"got {value!r}"
         )
     return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    return _int_at_least(1, name, value)
 
 
 def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TovaConfigError(
-            f'additional_config["{CONFIG_KEY}"]["{name}"] must be an integer >= 0, '
-            f"got {value!r}"
-        )
-    return value
+    return _int_at_least(0, name, value)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
