@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from tova_vllm.engine.paged_eviction import PagedEvictor, split_flash_kv_cache
-from tova_vllm.engine.side_state import SlotSideState
+from tova_vllm.engine.side_state import SlotSideState, group_rows
 from tova_vllm.engine.plan import EvictionBatch
 from tova_vllm.policies import (
     EvictionPolicy,
@@ -133,13 +133,14 @@ def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype
     side_dev.accumulated.copy_(side.accumulated)
     evictor = PagedEvictor(dev, q_heads, scale, backend=backend)
     query_dev, lse_dev = query.to(dev), None if lse is None else lse.to(dev)
+    groups = None if policies is None else group_rows([EvictionPolicy(n) for n in policies], dev)
     guard = forbid_sync and dev.type == "cuda"
     if guard:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
     try:
         evictor.evict(query_dev, *split_flash_kv_cache(kv_dev, head_dim), ev, lse=lse_dev,
-                      policies=None if policies is None else [EvictionPolicy(n) for n in policies],
+                      groups=groups,
                       side=None if policies is None else side_dev)
     finally:
         if guard:

@@ -26,7 +26,6 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ..policies import (
-    EvictionPolicy,
     accumulated_from_logits,
     head_summed_probs_from_logits,
     prompt_eviction_moves,
@@ -37,7 +36,7 @@ from .cpu_layout import copy_positions, last_query_logits, many_query_logits, pr
 from .layer_setup import customize_tova_spec, setup_tova_impl
 from .phased_builder import TovaPhasedBuilder, TovaStepMetadata
 from .plan import EvictionBatch, QueryBatch
-from .side_state import SlotSideState, policy_keep_scores
+from .side_state import PolicyGroups, SlotSideState, policy_keep_scores
 
 # H2O scores every query of a prompt chunk; bound the fp32 logits it materializes.
 _ACCUMULATE_QUERY_BLOCK = 64
@@ -105,7 +104,7 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             if phase.accumulate is not None:
                 self._accumulate(layer.isa, query, pages, phase.accumulate)
             if phase.evictions is not None:
-                self._evict(layer.isa, query, pages, phase.evictions, phase.eviction_policies)
+                self._evict(layer.isa, query, pages, phase.evictions, phase.eviction_groups)
         return output
 
     def _head_mean(self, head_sum: torch.Tensor) -> torch.Tensor:
@@ -131,15 +130,15 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
         self.side.add_attention(batch.slot_ids[batch.in_use], increment[batch.in_use])
 
     def _evict(self, isa: str, query: torch.Tensor, pages: torch.Tensor, ev: EvictionBatch,
-               policies: Optional[list[EvictionPolicy]]) -> None:
+               groups: Optional[PolicyGroups]) -> None:
         block_size = pages.shape[2] // 2
         layout = probe_page_layout(isa, pages.dtype, block_size, self.head_size)
-        if policies is None:
+        if groups is None:
             scores = self._last_query_probs(query, pages, layout, ev)
         else:
+            slot_ids = ev.slot_ids(block_size)
             scores = policy_keep_scores(
-                policies, ev.block_ids * block_size + ev.block_offsets, ev.keep,
-                ev.query_position, self.side,
+                groups, slot_ids, ev.keep, ev.query_position, self.side,
                 lambda rows: self._last_query_probs(query, pages, layout, ev, rows))
 
         if ev.one_drop_each:
@@ -151,10 +150,8 @@ class TovaCPUImpl(CPUAttentionBackendImpl):
             rows, src, dst = rows[moving], src[moving], dst[moving]
         copy_positions(pages, layout, ev.block_ids[rows, src], ev.block_offsets[rows, src],
                        ev.block_ids[rows, dst], ev.block_offsets[rows, dst])
-        if policies is not None:
-            src_slots = ev.block_ids[rows, src] * block_size + ev.block_offsets[rows, src]
-            dst_slots = ev.block_ids[rows, dst] * block_size + ev.block_offsets[rows, dst]
-            self.side.move(dst_slots=dst_slots, src_slots=src_slots)
+        if groups is not None:
+            self.side.move_rows(slot_ids, src, dst, rows)
 
     def _last_query_probs(self, query, pages, layout, ev: EvictionBatch,
                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:

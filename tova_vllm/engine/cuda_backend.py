@@ -116,7 +116,7 @@ class TovaFlashAttentionImpl(FlashAttentionImpl):
             if phase.evictions is not None:
                 row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
                 evictor.evict(query, key_cache, value_cache, phase.evictions, row_lse,
-                              phase.eviction_policies, side)
+                              phase.eviction_groups, side)
         return output
 
     def _evictor_for(self, device: torch.device) -> PagedEvictor:

@@ -29,14 +29,13 @@ import torch
 from ..kernels import select_backend
 from ..kernels.torch_ref import gather_keys
 from ..policies import (
-    EvictionPolicy,
     accumulated_from_logits,
     prompt_eviction_moves,
     slot_to_drop,
 )
 from .device_copy import host_to_device
 from .plan import EvictionBatch, QueryBatch
-from .side_state import SlotSideState, policy_keep_scores
+from .side_state import PolicyGroups, SlotSideState, policy_keep_scores
 
 
 def split_flash_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,25 +100,25 @@ class PagedEvictor:
 
     def evict(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
               ev: EvictionBatch, lse: Optional[torch.Tensor] = None,
-              policies: Optional[list[EvictionPolicy]] = None,
+              groups: Optional[PolicyGroups] = None,
               side: Optional[SlotSideState] = None) -> None:
         """``lse``: ``[E, q_heads]`` fp32 log-sum-exp of each eviction row's last query,
-        or None.  ``policies``: per eviction row, None when all are TOVA."""
+        or None.  ``groups``: eviction rows by policy (``side_state.group_rows``), None
+        when all are TOVA."""
         block_size = key_cache.shape[1]
         rows = _device_rows(ev, block_size, key_cache.device)
         width = max(ev.live_list)
-        if policies is None:
+        if groups is None:
             scores = self._tova_scores(query, key_cache, rows, width, lse)
             if ev.one_drop_each:
                 self.kernels.decode_evict(scores, rows.live, key_cache, value_cache, rows.table)
                 return
         else:
             if rows.slot_ids is None:
-                rows.slot_ids = host_to_device(ev.block_ids * block_size + ev.block_offsets,
-                                               key_cache.device)
+                rows.slot_ids = host_to_device(ev.slot_ids(block_size), key_cache.device)
             slot_ids = rows.slot_ids
             scores = policy_keep_scores(
-                policies, slot_ids, rows.keep, rows.query_position, side,
+                groups, slot_ids, rows.keep, rows.query_position, side,
                 lambda select: self._tova_scores(query, key_cache, rows, width, lse, select))
         # Fixed-shape move lists (idle entries: row -1), so neither decode nor prompt
         # evictions make the host wait for the device.
@@ -129,7 +128,7 @@ class PagedEvictor:
         else:
             src, dst, row = prompt_eviction_moves(scores, rows.live, rows.keep,
                                                   max(ev.keep_list))
-        if policies is not None and side is not None:
+        if groups is not None and side is not None:
             side.move_rows(slot_ids, src, dst, row)
         self.kernels.compact_paged(key_cache, value_cache, rows.table, src, dst, row)
 

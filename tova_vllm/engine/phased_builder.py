@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 
 from ..config import settings_from_additional_config
-from ..policies import EvictionPolicy
 from .device_copy import host_to_device
 from .plan import EvictionBatch, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
+from .side_state import PolicyGroups, group_rows
 from .step_context import batch_rows, host_block_table
 
 
@@ -27,8 +27,9 @@ class TovaPhaseMetadata:
     slots: torch.Tensor  # cache slot written by each of the phase's tokens
     positions: torch.Tensor  # logical position of each of the phase's tokens
     evictions: Optional[EvictionBatch]
-    #: Policy of each eviction row; None when every row uses the default TOVA scorer.
-    eviction_policies: Optional[list[EvictionPolicy]]
+    #: Eviction rows grouped by policy (``side_state.group_rows``, on the device); None
+    #: when every row uses the default TOVA scorer.
+    eviction_groups: Optional[PolicyGroups]
     #: Rows whose policy accumulates the attention of every query (H2O).
     accumulate: Optional[QueryBatch]
     #: Index of each eviction row's last query among the phase's tokens (for the
@@ -126,9 +127,9 @@ class TovaPhasedBuilder:
                 )
             kernel = super().build(common_prefix_len, phase_cm, fast_build)
             ev = phase.evictions
-            ev_policies = None
+            ev_groups = None
             if side_state and ev is not None:
-                ev_policies = [policies[r] for r in ev.rows.tolist()]
+                ev_groups = group_rows([policies[r] for r in ev.rows.tolist()], device)
             accumulating = [j for j, r in enumerate(phase.rows) if policies[r].needs_accumulated]
             accumulate = (query_batch(phase, accumulating, host_table, self.block_size)
                           if accumulating else None)
@@ -139,7 +140,7 @@ class TovaPhasedBuilder:
             phases.append(TovaPhaseMetadata(
                 kernel=kernel, token_index=on_device(phase.token_index), slots=slots,
                 positions=on_device(phase.positions), evictions=ev,
-                eviction_policies=ev_policies, accumulate=accumulate,
+                eviction_groups=ev_groups, accumulate=accumulate,
                 eviction_queries=on_device(eviction_queries),
             ))
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,

@@ -51,6 +51,10 @@ class EvictionBatch:
     live_list: list[int]
     one_drop_each: bool  # every row drops exactly one token: the batched decode rule
 
+    def slot_ids(self, block_size: int) -> torch.Tensor:
+        """``[E, S]`` global cache slot (block * block_size + offset) of each position."""
+        return self.block_ids * block_size + self.block_offsets
+
 
 @dataclass
 class Phase:

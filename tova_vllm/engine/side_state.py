@@ -56,8 +56,21 @@ class SlotSideState:
         self.accumulated.index_put_((slots,), increment, accumulate=True)
 
 
+PolicyGroups = list[tuple[EvictionPolicy, torch.Tensor]]
+
+
+def group_rows(policies: list[EvictionPolicy], device: torch.device) -> PolicyGroups:
+    """Each distinct policy with its eviction rows (on ``device``), in first-seen order;
+    made once per phase, used by every layer."""
+    members: dict[EvictionPolicy, list[int]] = {}
+    for e, policy in enumerate(policies):
+        members.setdefault(policy, []).append(e)
+    return [(policy, host_to_device(torch.tensor(rows, dtype=torch.long), device))
+            for policy, rows in members.items()]
+
+
 def policy_keep_scores(
-    policies: list[EvictionPolicy],
+    groups: PolicyGroups,
     slot_ids: torch.Tensor,
     cache_size: torch.Tensor,
     query_position: torch.Tensor,
@@ -65,14 +78,11 @@ def policy_keep_scores(
     last_query_probs: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """fp64 keep scores ``[E, S]`` of eviction rows whose policies differ (exact positions
-    need fp64); rows are grouped by policy.  ``slot_ids``: ``[E, S]`` cache slot of each
-    row's positions; ``last_query_probs(rows)``: TOVA's scores of those rows."""
+    need fp64), one group of rows (``group_rows``) at a time.  ``slot_ids``: ``[E, S]``
+    cache slot of each row's positions; ``last_query_probs(rows)``: TOVA's scores of those
+    rows."""
     scores = torch.empty(slot_ids.shape, dtype=torch.float64, device=slot_ids.device)
-    groups: dict[EvictionPolicy, list[int]] = {}
-    for e, policy in enumerate(policies):
-        groups.setdefault(policy, []).append(e)
-    for policy, members in groups.items():
-        rows = host_to_device(torch.tensor(members, dtype=torch.long), slot_ids.device)
+    for policy, rows in groups:
         inputs = {}
         if policy.needs_last_query_probs:
             inputs["last_query_probs"] = last_query_probs(rows)
