@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tova_vllm.config import (
@@ -82,3 +84,23 @@ def test_per_request_policy_and_budget():
         with pytest.raises(TovaRequestError, match=parameter) as info:
             resolve_request(extra, settings)
         assert info.value.parameter == parameter
+
+
+@pytest.mark.parametrize("value, said", [(True, "got true (a boolean)"),
+                                         (False, "got false (a boolean)")])
+def test_boolean_budget_is_refused_as_sent(value, said):
+    settings = TovaSettings.parse({"cache_size": 64})
+    with pytest.raises(TovaRequestError, match=re.escape(said)) as info:
+        resolve_request({"tova_cache_size": value}, settings)
+    assert info.value.value is value
+
+
+@pytest.mark.parametrize("key", ["tova_cache_sizee", "tova_sinks", "tova_recent"])
+def test_unknown_request_key_is_refused_naming_the_accepted_ones(key):
+    settings = TovaSettings.parse({"cache_size": 64})
+    with pytest.raises(TovaRequestError) as info:
+        resolve_request({key: 8, "other_plugin_arg": 1}, settings)
+    assert info.value.parameter == key
+    assert key in str(info.value) and "'tova_cache_size', 'tova_policy'" in str(info.value)
+    # Keys of other plugins pass.
+    assert resolve_request({"other_plugin_arg": 1}, settings) == (64, EvictionPolicy("tova"))

@@ -195,6 +195,83 @@ def _apply_input_processor_validates_budget() -> None:
     _wrap(InputProcessor, "_validate_params", make)
 
 
+def _apply_runner_keeps_cpu_generators() -> None:
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def discarded_cpu_generators(runner) -> dict:
+        # Rows whose sampled token is thrown away (a prompt not yet fully prefilled).
+        rows = np.nonzero(runner.discard_request_mask.np[:runner.input_batch.num_reqs])[0]
+        generators = runner.input_batch.generators
+        return {int(i): generators[int(i)] for i in rows
+                if int(i) in generators and generators[int(i)].device.type == "cpu"}
+
+    def make_sample(original):
+        def _sample(self, *args, **kwargs):
+            held = {i: (g, g.get_state()) for i, g in discarded_cpu_generators(self).items()}
+            output = original(self, *args, **kwargs)
+            for generator, state in held.values():
+                generator.set_state(state)  # as if this row had not been sampled
+            return output
+        return _sample
+
+    def make_bookkeeping(original):
+        def _bookkeeping_sync(self, *args, **kwargs):
+            held = discarded_cpu_generators(self)
+            if not held:
+                return original(self, *args, **kwargs)
+            # Already restored by _sample; hide them from the offset rewind CPU lacks.
+            generators = self.input_batch.generators
+            self.input_batch.generators = {i: g for i, g in generators.items() if i not in held}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                self.input_batch.generators = generators
+        return _bookkeeping_sync
+
+    _wrap(GPUModelRunner, "_sample", make_sample)
+    _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
+
+
+def _apply_serving_validates_tova_args() -> None:
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMValidationError
+
+    from .config import TovaRequestError, resolve_request, settings_from_additional_config
+
+    def make(original):
+        async def _with_kv_transfer_rejection_cleanup(self, awaitable, request, raw_request):
+            vllm_config = getattr(self.engine_client, "vllm_config", None)
+            settings = settings_from_additional_config(
+                getattr(vllm_config, "additional_config", None))
+            if settings is not None:
+                try:
+                    resolve_request(await _sent_xargs(request, raw_request), settings)
+                except TovaRequestError as error:
+                    awaitable.close()  # never started: nothing reached the engine
+                    return create_error_response(VLLMValidationError(
+                        str(error), parameter=error.parameter, value=error.value))
+            return await original(self, awaitable, request, raw_request)
+        return _with_kv_transfer_rejection_cleanup
+
+    _wrap(GenerateBaseServing, "_with_kv_transfer_rejection_cleanup", make)
+
+
+async def _sent_xargs(request, raw_request):
+    """``vllm_xargs`` as the client sent it: the request model's typing has already turned
+    JSON booleans into 0/1, FastAPI's parsed body (cached on the Request) has not."""
+    if raw_request is not None:
+        try:
+            body = await raw_request.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            xargs = body.get("vllm_xargs")
+            return xargs if isinstance(xargs, dict) else None
+    return getattr(request, "vllm_xargs", None)
+
+
 PATCHES: dict[str, RuntimePatch] = {
     p.name: p
     for p in (
@@ -252,6 +329,36 @@ PATCHES: dict[str, RuntimePatch] = {
             "checks run after vLLM's own)",
             removal="Upstream a plugin hook for validating SamplingParams.extra_args.",
             apply=_apply_input_processor_validates_budget,
+        ),
+        RuntimePatch(
+            name="runner_keeps_cpu_generators",
+            why="A seeded request whose prompt takes several steps is sampled at every step "
+            "and its token discarded until the prompt is done; vLLM then rewinds the "
+            "request's generator with set_offset, which only CUDA's Philox generators have, "
+            "so on CPU the engine core dies (RuntimeError: CPU Generator does not use "
+            "offset). TOVA on CPU meets this with any seeded request and a long prompt. "
+            "Restoring the CPU generator's state keeps a seeded request's tokens independent "
+            "of how its prompt was chunked and what it was batched with.",
+            touches="vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample (wrapped: saves "
+            "and restores the CPU generators of discarded rows) and _bookkeeping_sync "
+            "(wrapped: those generators are hidden from its offset rewind)",
+            removal="Upstream the same save/restore for non-CUDA generators in "
+            "_bookkeeping_sync (patches/07).",
+            apply=_apply_runner_keeps_cpu_generators,
+        ),
+        RuntimePatch(
+            name="serving_validates_tova_args",
+            why="Over HTTP the per-request TOVA arguments must be refused before a streamed "
+            "response starts (afterwards the client gets 200 and an in-stream error, and the "
+            "server logs a traceback), and judged on what the client sent: the request "
+            "models type vllm_xargs so that JSON true becomes 1.",
+            touches="vllm.entrypoints.generate.base.serving.GenerateBaseServing."
+            "_with_kv_transfer_rejection_cleanup (wrapped: the first step of completions, "
+            "chat and responses; a bad value returns a 400 ErrorResponse before the request "
+            "is rendered)",
+            removal="Upstream a plugin hook for validating vllm_xargs in the serving layer, "
+            "and a vllm_xargs type that keeps booleans (patches/08).",
+            apply=_apply_serving_validates_tova_args,
         ),
     )
 }

@@ -15,6 +15,8 @@ CONFIG_KEY = "tova"
 # Per-request budget: SamplingParams(extra_args={...}) offline, vllm_xargs over HTTP.
 REQUEST_CACHE_SIZE_ARG = "tova_cache_size"
 REQUEST_POLICY_ARG = "tova_policy"
+REQUEST_ARGS = (REQUEST_CACHE_SIZE_ARG, REQUEST_POLICY_ARG)
+REQUEST_ARG_PREFIX = "tova_"
 PROMPT_MODES = ("prompt", "chunked")
 
 
@@ -145,7 +147,7 @@ def request_cache_size(extra_args: Optional[Mapping[str, Any]], server_cache_siz
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= server_cache_size:
         raise TovaRequestError(
             f"{REQUEST_CACHE_SIZE_ARG} must be an integer from 1 to {server_cache_size} "
-            f"(the server's cache_size), got {value!r}",
+            f"(the server's cache_size), got {_sent(value)}",
             REQUEST_CACHE_SIZE_ARG, value,
         )
     return value
@@ -163,7 +165,7 @@ def request_policy(extra_args: Optional[Mapping[str, Any]], settings: TovaSettin
         name = extra_args[REQUEST_POLICY_ARG]
         if not isinstance(name, str) or name not in POLICY_NAMES:
             raise TovaRequestError(
-                f"{REQUEST_POLICY_ARG} must be one of {list(POLICY_NAMES)}, got {name!r}",
+                f"{REQUEST_POLICY_ARG} must be one of {list(POLICY_NAMES)}, got {_sent(name)}",
                 REQUEST_POLICY_ARG, name,
             )
     policy = settings.eviction_policy(name)
@@ -175,8 +177,24 @@ def request_policy(extra_args: Optional[Mapping[str, Any]], settings: TovaSettin
     return policy
 
 
+def _sent(value: Any) -> str:
+    """A value as the client wrote it: JSON spells booleans true/false, Python True/False."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    return repr(value)
+
+
 def resolve_request(extra_args: Optional[Mapping[str, Any]], settings: TovaSettings
                     ) -> tuple[int, EvictionPolicy]:
     """A request's budget and policy; raises :class:`TovaRequestError` naming the argument."""
+    unknown = sorted(k for k in (extra_args or {})
+                     if isinstance(k, str) and k.startswith(REQUEST_ARG_PREFIX)
+                     and k not in REQUEST_ARGS)
+    if unknown:
+        raise TovaRequestError(
+            f"unknown per-request TOVA argument(s) {unknown}; the accepted ones are "
+            f"{list(REQUEST_ARGS)} (sinks, recent and the prompt mode are server settings)",
+            unknown[0], extra_args[unknown[0]],
+        )
     cache_size = request_cache_size(extra_args, settings.cache_size)
     return cache_size, request_policy(extra_args, settings, cache_size)

@@ -39,6 +39,7 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
         check_vllm_version()
         # Requests enter in this process: check per-request budgets here.
         apply_patch("input_processor_validates_budget")
+        apply_patch("serving_validates_tova_args")
         _check_model(vllm_config)
         _check_features(vllm_config)
         cache = vllm_config.cache_config

@@ -57,6 +57,7 @@ def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[T
     from .._patches import apply_patch
 
     apply_patch("runner_publishes_batch")
+    apply_patch("runner_keeps_cpu_generators")
     impl.tp_size = get_tensor_model_parallel_world_size()
     impl.tp_group = get_tp_group() if impl.tp_size > 1 else None
     impl.total_q_heads = impl.num_heads * impl.tp_size
