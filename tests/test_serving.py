@@ -222,6 +222,58 @@ def test_bad_request_is_4xx_and_server_keeps_serving(client, server, offline, ba
     assert resp.choices[0].token_ids == offline["tova"]["completions"][LONG][0]
 
 
+
+def post(server, path: str, body: dict, timeout: float = 120.0) -> tuple[int, bytes]:
+    """The HTTP status and the raw body (a streamed body is read to its end)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.base_url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+BAD_XARGS = [  # (vllm_xargs, the parameter named, words the message must contain)
+    ({"tova_cache_size": True}, "tova_cache_size", "got true (a boolean)"),
+    ({"tova_cache_size": False}, "tova_cache_size", "got false (a boolean)"),
+    ({"tova_cache_sizee": 8}, "tova_cache_sizee", "'tova_cache_size', 'tova_policy'"),
+    ({"tova_sinks": 2}, "tova_sinks", "'tova_cache_size', 'tova_policy'"),
+    ({"tova_recent": 4}, "tova_recent", "'tova_cache_size', 'tova_policy'"),
+    ({"tova_policy": "lru"}, "tova_policy", "got 'lru'"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("xargs, parameter, words", BAD_XARGS,
+                         ids=["true", "false", "misspelt", "sinks", "recent", "policy"])
+def test_bad_request_arg_is_400_before_any_stream(server, endpoint, stream, xargs, parameter,
+                                                  words):
+    """Streamed or not, completions or chat: 400 in vLLM's error body naming the argument,
+    before any response starts; nothing reaches the engine."""
+    body = dict(model=MODEL_NAME, max_tokens=4, stream=stream, vllm_xargs=xargs)
+    if endpoint == "chat":
+        body["messages"] = CONVERSATION[:2]
+    else:
+        body["prompt"] = PROMPTS[0]
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    status, raw = post(server, path, body)
+    assert status == 400, raw[:500]
+    error = json.loads(raw)["error"]
+    assert error["param"] == parameter
+    assert parameter in error["message"] and words in error["message"], error
+
+
+def test_bad_request_args_logged_no_server_error(server):
+    """Runs after the refusals above: none of them left an ERROR or a traceback."""
+    log = server.log()
+    assert "Traceback" not in log and " ERROR " not in log, server.tail(80)
+
+
 def test_server_log_shows_tova_settings(server):
     log = server.log()
     assert "'additional_config': {'tova': {'cache_size': 32}}" in log

@@ -6,10 +6,12 @@ enabled.  The numbers come from the engine core through ``engine.stats_channel``
 
 from __future__ import annotations
 
+import weakref
+
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from .config import settings_from_additional_config
-from .engine.stats_channel import channel_path, read_stats
+from .engine.stats_channel import channel_path, read_stats, remove_channel
 
 _METRICS: dict = {}
 
@@ -29,6 +31,9 @@ class TovaStatLogger(StatLoggerBase):
         from prometheus_client import Counter, Gauge
 
         self.path = channel_path(vllm_config.instance_id, engine_index)
+        # The engine core is killed on shutdown and cannot remove it: this process does,
+        # at exit at the latest (weakref.finalize runs at interpreter exit).
+        weakref.finalize(self, remove_channel, self.path)
         label = str(engine_index)
         self.evicted = _metric(
             Counter, "tova_evicted_tokens",

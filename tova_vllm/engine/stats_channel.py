@@ -6,6 +6,10 @@ msgpack encoding drops unknown attributes).  The scheduler therefore writes thre
 counters into a small shared-memory file named after the engine's ``instance_id`` (the same
 in every process of one engine), and the ``vllm.stat_logger_plugins`` logger in the API
 server reads them on every stats update.
+
+A file must neither outlive its server nor be believed after its writer died: vLLM kills
+the engine core at once on shutdown, so the API server removes the file too (at exit), the
+next engine on the host removes files whose writer is gone, and a reader ignores them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ def channel_path(instance_id: str, engine_index: int) -> Path:
     return _channel_dir() / f"tova-vllm-{instance_id or 'default'}-{engine_index}.stats"
 
 
+def _writer_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # created, not yet published (and os.kill(0) would mean our group)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def remove_channel(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 def remove_orphaned_channels() -> None:
     """Delete channel files whose writer process is gone.
 
@@ -39,11 +59,10 @@ def remove_orphaned_channels() -> None:
         try:
             with open(path, "rb") as f:
                 pid = struct.unpack(_FORMAT, f.read(_SIZE))[3]
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
         except (OSError, struct.error):
             continue  # unreadable, half-written or not ours to judge: leave it
+        if pid > 0 and not _writer_alive(pid):
+            remove_channel(path)
 
 
 class StatsWriter:
@@ -69,14 +88,18 @@ class StatsWriter:
 
     def close(self) -> None:
         self._map.close()
-        self.path.unlink(missing_ok=True)
+        remove_channel(self.path)
 
 
 def read_stats(path: Path) -> Optional[tuple[int, int, int]]:
-    """(evicted tokens, blocks held, blocks saved), or None before the first publish."""
+    """(evicted tokens, blocks held, blocks saved), or None before the first publish and
+    once the writer is gone (its last numbers no longer describe any engine)."""
     try:
         with open(path, "rb") as f:
             data = f.read(_SIZE)
     except FileNotFoundError:
         return None
-    return struct.unpack(_FORMAT, data)[:3] if len(data) == _SIZE else None
+    if len(data) != _SIZE:
+        return None
+    *stats, pid = struct.unpack(_FORMAT, data)
+    return tuple(stats) if _writer_alive(pid) else None
