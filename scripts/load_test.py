@@ -1,23 +1,27 @@
-"""Load-and-fault driver for a TOVA server: many streamed requests, some cut off mid-stream.
+"""Load-and-fault driver for a TOVA server: a mix of request kinds, some cut off mid-stream,
+some with bad values that must be refused.
 
 By default it builds the tiny offline ``llama_gqa`` checkpoint, starts ``vllm serve`` on
 127.0.0.1 (a free port, TOVA ``cache_size`` 64) and always stops it again, also on Ctrl-C
 or failure.  ``--url`` targets a server that is already running instead (loopback only).
 
-It sends ``--requests`` streamed completions at ``--concurrency``: token-id prompts of mixed
-length (a third at most ``cache_size`` tokens, the rest longer, ids 3..96), mixed
-``max_tokens``, greedy, ``ignore_eos``.  A share of them (``--disconnect-share``) close their
-connection on purpose after a few chunks.  Every completed stream is checked (``[DONE]``,
-``finish_reason == "length"``, usage equal to the prompt length and ``max_tokens``).  At
+It sends ``--requests`` completions at ``--concurrency``: token-id prompts of mixed length
+(a third at most ``cache_size`` tokens, the rest longer, ids 3..96), mixed ``max_tokens``,
+``ignore_eos``, in the kinds of ``load_mixes.MIX`` (greedy, seeded sampling, ``n`` = 2, stop
+strings, logprobs, echo with prompt logprobs, per-request budgets and policies, bad values).
+A share of the streamed ones (``--disconnect-share``) close their connection on purpose after
+a few chunks.  Every response is checked against its kind (``load_mixes``).  At
 ``--deadline`` seconds into the load phase it cancels whatever is still outstanding.
 
 Afterwards it waits until the server is idle and reads ``GET /metrics``: requests running
 and waiting, ``vllm:kv_cache_usage_perc``, and the KV blocks still in use (from the usage
 and ``num_gpu_blocks`` of ``vllm:cache_config_info``; vLLM 0.32 has no direct gauge).
-Any ``tova_`` series are printed too.
+Any ``tova_`` series are printed too.  A server it started is stopped at the end and its
+``/dev/shm`` metrics channel must be gone.
 
-Exit status 0 only if no request failed unexpectedly, the run finished before the
-deadline, and no KV block is left in use.  Run:
+Exit status 0 only if no request failed unexpectedly, every bad value was refused, the run
+finished before the deadline, no KV block is left in use, the server log has no ERROR, and
+nothing is left in /dev/shm.  Run:
 
     python3 scripts/load_test.py [--requests 500] [--concurrency 64]
 """
@@ -26,24 +30,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
-import math
 import os
-import random
-import re
 import signal
-import socket
 import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+
+from load_metrics import (check_loopback_url, fmt_s, http_get, num, percentile, read_counters,
+                          wait_idle, parse_metrics)
+from load_mixes import MIX, TOKEN_ID_RANGE, Job, Result, make_jobs, run_one
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder and the server harness
@@ -53,174 +53,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MODEL_NAME = "tiny"
 ARCH = "llama_gqa"
-TOKEN_ID_RANGE = (3, 96)  # the tiny byte-level tokenizer's clean ids (as tests/test_serving.py)
-
-# Only loopback traffic: urllib must not route through any proxy from the environment.
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def check_loopback_url(url: str) -> str:
-    """``url`` without a trailing slash; raises unless it names a loopback host."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValueError(f"--url must be an http(s) URL with a host, got {url!r}")
-    host = parsed.hostname
-    try:
-        addresses = {ipaddress.ip_address(host)}
-    except ValueError:
-        if host != "localhost":
-            raise ValueError(f"--url must name a loopback address, got host {host!r}")
-        infos = socket.getaddrinfo(host, parsed.port or 80, proto=socket.IPPROTO_TCP)
-        addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
-    if not addresses or not all(a.is_loopback for a in addresses):
-        raise ValueError(f"--url must name a loopback address; {host!r} is "
-                         f"{sorted(map(str, addresses))}")
-    return url.rstrip("/")
-
-
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def fmt_s(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f} s"
-
-
-# ----------------------------------------------------------------------------- workload
-
-@dataclass
-class Job:
-    index: int
-    prompt: list[int]
-    max_tokens: int
-    disconnect_after: Optional[int]  # chunks to read before closing on purpose; None: read all
-
-
-@dataclass
-class Result:
-    outcome: str  # "completed" | "disconnected" | "error" | "cancelled"
-    ttft: Optional[float] = None
-    latency: Optional[float] = None
-    output_tokens: int = 0
-    error: Optional[str] = None
-
-
-def make_jobs(args) -> list[Job]:
-    rng = random.Random(args.seed)
-    n_disconnect = round(args.requests * args.disconnect_share)
-    disconnect_ids = set(rng.sample(range(args.requests), n_disconnect))
-    short_max = min(args.cache_size, args.max_prompt)
-    jobs = []
-    for i in range(args.requests):
-        # A third of the prompts fit in the TOVA budget, the rest must evict.
-        if rng.random() < 1 / 3 or short_max >= args.max_prompt:
-            length = rng.randint(args.min_prompt, max(args.min_prompt, short_max))
-        else:
-            length = rng.randint(max(args.min_prompt, short_max + 1), args.max_prompt)
-        prompt = [rng.randint(*TOKEN_ID_RANGE) for _ in range(length)]
-        max_tokens = rng.randint(args.min_tokens, args.max_tokens)
-        disconnect_after = None
-        if i in disconnect_ids:
-            disconnect_after = rng.randint(1, max(1, min(4, max_tokens // 4)))
-        jobs.append(Job(i, prompt, max_tokens, disconnect_after))
-    return jobs
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ")
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
-async def run_one(session, base_url: str, model: str, job: Job) -> Result:
-    body = {
-        "model": model,
-        "prompt": job.prompt,
-        "max_tokens": job.max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,  # what the openai client's extra_body would add
-    }
-    start = time.monotonic()
-    ttft = None
-    chunks = 0
-    finish_reason = None
-    usage = None
-    done = False
-    try:
-        async with session.post(f"{base_url}/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                text = (await resp.text())[:300].replace("\n", " ")
-                return Result("error", error=f"HTTP {resp.status}: {text}")
-            async for raw in resp.content:
-                line = raw.decode(errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                payload = json.loads(data)
-                if "error" in payload:
-                    err = payload["error"]
-                    message = err.get("message", err) if isinstance(err, dict) else err
-                    return Result("error", ttft=ttft,
-                                  error=f"error event in stream: {str(message)[:300]}")
-                if payload.get("usage"):
-                    usage = payload["usage"]
-                for choice in payload.get("choices") or []:
-                    if ttft is None:
-                        ttft = time.monotonic() - start
-                    chunks += 1
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if job.disconnect_after is not None and chunks >= job.disconnect_after:
-                    resp.close()  # drop the connection mid-stream, as a vanished client does
-                    return Result("disconnected", ttft=ttft, output_tokens=chunks)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (HTTP, timeout, bad JSON: each one is reported)
-        return Result("error", ttft=ttft, error=_error_text(exc))
-    latency = time.monotonic() - start
-    if job.disconnect_after is not None:
-        # The whole response arrived before the client could cut it off: still a client
-        # that closed its stream (the server may just not have noticed); not an error.
-        return Result("disconnected", ttft=ttft, output_tokens=chunks)
-    problems = []
-    if not done:
-        problems.append("stream ended without [DONE]")
-    if finish_reason != "length":
-        problems.append(f"finish_reason {finish_reason!r} (expected 'length' with ignore_eos)")
-    if usage is None:
-        problems.append("no usage chunk")
-    else:
-        if usage.get("completion_tokens") != job.max_tokens:
-            problems.append(f"completion_tokens {usage.get('completion_tokens')} "
-                            f"!= max_tokens {job.max_tokens}")
-        if usage.get("prompt_tokens") != len(job.prompt):
-            problems.append(f"prompt_tokens {usage.get('prompt_tokens')} "
-                            f"!= prompt length {len(job.prompt)}")
-    if problems:
-        # Lengths vary per request: keep the kinds of problem distinct, not every number.
-        kind = "; ".join(re.sub(r"\d+", "N", p) for p in problems)
-        return Result("error", ttft=ttft, latency=latency, error=f"bad response: {kind}")
-    tokens = usage["completion_tokens"]
-    return Result("completed", ttft=ttft, latency=latency, output_tokens=tokens)
-
+# ----------------------------------------------------------------------------- load
 
 @dataclass
 class LoadReport:
@@ -289,140 +124,6 @@ async def run_load(base_url: str, model: str, jobs: list[Job], concurrency: int,
     return report
 
 
-# ----------------------------------------------------------------------------- metrics
-
-_SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> list[tuple[str, dict, float, str]]:
-    """(name, labels, value, line) for each sample of a Prometheus text exposition."""
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(4))
-        except ValueError:
-            continue
-        samples.append((m.group(1), dict(_LABEL.findall(m.group(3) or "")), value, line))
-    return samples
-
-
-@dataclass
-class KvState:
-    running: Optional[float]
-    waiting: Optional[float]
-    usage: Optional[float]
-    num_blocks: Optional[int]
-    tova_lines: list[str]
-
-    @property
-    def blocks_in_use(self) -> Optional[int]:
-        if self.usage is None or not self.num_blocks:
-            return None
-        # BlockPool.get_usage(): 1 - free / (num_gpu_blocks - 1), the null block excluded.
-        return round(self.usage * (self.num_blocks - 1))
-
-    @property
-    def idle(self) -> bool:
-        return self.running == 0 and self.waiting == 0 and self.usage == 0
-
-    def describe(self) -> str:
-        usage = "n/a" if self.usage is None else f"{self.usage:.6f}"
-        return (f"running {_num(self.running)}, waiting {_num(self.waiting)}, "
-                f"kv_cache_usage_perc {usage}, KV blocks in use "
-                f"{_num(self.blocks_in_use)} of {_num(self.num_blocks)}")
-
-
-def _num(value) -> str:
-    if value is None:
-        return "n/a"
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def read_kv_state(base_url: str) -> KvState:
-    status, text = http_get(f"{base_url}/metrics")
-    if status != 200:
-        raise RuntimeError(f"GET /metrics answered {status}: {text[:200]}")
-    sums: dict[str, Optional[float]] = {"running": None, "waiting": None, "usage": None}
-    names = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-             "vllm:kv_cache_usage_perc": "usage"}
-    num_blocks = None
-    tova_lines = []
-    for name, labels, value, line in parse_metrics(text):
-        if name in names:  # one sample per engine (and model): add them up
-            key = names[name]
-            sums[key] = (sums[key] or 0.0) + value
-        elif name == "vllm:cache_config_info" and labels.get("num_gpu_blocks", "None") != "None":
-            num_blocks = (num_blocks or 0) + int(labels["num_gpu_blocks"])
-        if "tova_" in name:
-            tova_lines.append(line)
-    return KvState(sums["running"], sums["waiting"], sums["usage"], num_blocks, tova_lines)
-
-
-_COUNTERS = {"vllm:request_success_total": "finished", "vllm:num_preemptions_total": "preemptions",
-             "vllm:prompt_tokens_total": "prompt tokens",
-             "vllm:generation_tokens_total": "generation tokens"}
-
-
-def read_counters(base_url: str) -> Counter:
-    """Server-side counters to compare before and after the run: finished requests by
-    reason, preemptions, prompt and generation tokens (summed over engines)."""
-    status, text = http_get(f"{base_url}/metrics")
-    if status != 200:
-        raise RuntimeError(f"GET /metrics answered {status}: {text[:200]}")
-    counters: Counter = Counter()
-    for name, labels, value, _ in parse_metrics(text):
-        key = _COUNTERS.get(name)
-        if key == "finished":
-            key = f"finished {labels.get('finished_reason', '?')}"
-        if key:
-            counters[key] += value
-    return counters
-
-
-def probe_request(base_url: str, model: str) -> None:
-    """One tiny complete request: it makes the engine take a step, which republishes the
-    scheduler's gauges (vLLM publishes them only after a step, and aborts alone take none)."""
-    body = json.dumps({"model": model, "prompt": [5, 6, 7, 8], "max_tokens": 1,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"{base_url}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with _NO_PROXY_OPENER.open(req, timeout=60) as resp:
-        resp.read()
-
-
-def wait_idle(base_url: str, model: str, timeout: float) -> tuple[KvState, list[str]]:
-    """Poll /metrics until running, waiting and KV usage are all 0 (or ``timeout``)."""
-    notes = []
-    start = time.monotonic()
-    state = read_kv_state(base_url)
-    first = state
-    probed = False
-    while not state.idle and time.monotonic() - start < timeout:
-        # If the gauges are still unchanged after a few seconds, the last step may predate
-        # the final aborts: a probe request refreshes them (it cannot free leaked blocks).
-        if not probed and time.monotonic() - start > min(8.0, timeout / 3):
-            notes.append(f"not idle after {time.monotonic() - start:.0f} s ({state.describe()}); "
-                         "sent one 1-token probe request to refresh the gauges")
-            try:
-                probe_request(base_url, model)
-            except (urllib.error.URLError, OSError) as exc:
-                notes.append(f"probe request failed: {_error_text(exc)}")
-            probed = True
-        time.sleep(1.0)
-        state = read_kv_state(base_url)
-    waited = time.monotonic() - start
-    if first is not state:
-        notes.insert(0, f"first reading after the run: {first.describe()}")
-    notes.append(f"{'idle' if state.idle else 'NOT idle'} after {waited:.1f} s of polling")
-    return state, notes
-
-
 # ----------------------------------------------------------------------------- server
 
 def discover_model(base_url: str) -> str:
@@ -486,8 +187,12 @@ def print_report(args, jobs: list[Job], report: LoadReport) -> int:
     print("\n=== load test results ===")
     print(f"total requests:          {len(jobs)}")
     print(f"completed:               {counts['completed']}")
+    print(f"bad values refused (400): {counts['refused']} (planned "
+          f"{sum(j.kind == 'bad' for j in jobs)})")
     print(f"deliberate disconnects:  {counts['disconnected']} (planned {planned_disconnects})")
     print(f"errors:                  {counts['error']}")
+    kinds = Counter(j.kind for j in jobs)
+    print("kinds:                   " + ", ".join(f"{k} {kinds[k]}" for k in MIX))
     for message, count in errors.most_common():
         print(f"  {count}x {message}")
     if report.deadline_hit:
@@ -506,10 +211,10 @@ def print_report(args, jobs: list[Job], report: LoadReport) -> int:
 def main_with(args, base_url: str, model: str, server=None) -> int:
     jobs = make_jobs(args)
     prompt_lens = [len(j.prompt) for j in jobs]
-    print(f"workload: {len(jobs)} streamed completions at concurrency {args.concurrency}, "
+    print(f"workload: {len(jobs)} completions at concurrency {args.concurrency}, "
           f"prompts {min(prompt_lens)}..{max(prompt_lens)} tokens (ids {TOKEN_ID_RANGE[0]}.."
           f"{TOKEN_ID_RANGE[1]}), max_tokens {args.min_tokens}..{args.max_tokens}, "
-          f"temperature 0, ignore_eos, {args.disconnect_share:.0%} disconnect mid-stream, "
+          f"ignore_eos, {args.disconnect_share:.0%} of streams disconnect mid-stream, "
           f"deadline {args.deadline:.0f} s, seed {args.seed}", flush=True)
     before = read_counters(base_url)
     report = asyncio.run(run_load(base_url, model, jobs, args.concurrency, args.deadline,
@@ -520,18 +225,18 @@ def main_with(args, base_url: str, model: str, server=None) -> int:
     state, notes = wait_idle(base_url, model, args.idle_timeout)
     for note in notes:
         print(f"  ({note})")
-    print(f"vllm:num_requests_running: {_num(state.running)}")
-    print(f"vllm:num_requests_waiting: {_num(state.waiting)}")
+    print(f"vllm:num_requests_running: {num(state.running)}")
+    print(f"vllm:num_requests_waiting: {num(state.waiting)}")
     usage = "n/a" if state.usage is None else f"{state.usage:.6f}"
     print(f"vllm:kv_cache_usage_perc:  {usage}")
-    print(f"KV blocks in use after the run: {_num(state.blocks_in_use)} "
-          f"(of {_num(state.num_blocks)}; usage x (num_gpu_blocks - 1), the null block excluded)")
+    print(f"KV blocks in use after the run: {num(state.blocks_in_use)} "
+          f"(of {num(state.num_blocks)}; usage x (num_gpu_blocks - 1), the null block excluded)")
     after = read_counters(base_url)
     delta = {k: after[k] - before[k] for k in sorted(set(after) | set(before))
              if after[k] != before[k]}
     probe = " (one of them the probe)" if any("probe" in n for n in notes) else ""
     print("server counters during the run: "
-          + (", ".join(f"{k} {_num(v)}" for k, v in delta.items()) or "no change") + probe)
+          + (", ".join(f"{k} {num(v)}" for k, v in delta.items()) or "no change") + probe)
     if state.tova_lines:
         print("tova_ series:")
         for line in state.tova_lines:
@@ -562,6 +267,8 @@ def main_with(args, base_url: str, model: str, server=None) -> int:
         failures.append(f"{state.blocks_in_use} KV blocks still in use")
     if state.running or state.waiting:
         failures.append("server not idle after the run")
+    if log_problems:
+        failures.append(f"{len(log_problems)} kinds of ERROR/Traceback lines in the server log")
     print(f"\nRESULT: {'PASS' if not failures else 'FAIL (' + '; '.join(failures) + ')'}")
     return 1 if failures else 0
 
@@ -638,6 +345,7 @@ def main(argv=None) -> int:
         server = VllmServer.start(model_dir, server_args(args), log_path,
                                   env_updates={"VLLM_CPU_KVCACHE_SPACE": "1",
                                                "HF_HUB_OFFLINE": "1"})
+        channels = []
         try:
             cmd = ["vllm", "serve", f"<tiny {ARCH} checkpoint>", "--host", "127.0.0.1",
                    "--port", str(server.port), *server_args(args)]
@@ -645,6 +353,7 @@ def main(argv=None) -> int:
             took = wait_healthy(server, args.startup_timeout)
             print(f"server healthy after {took:.0f} s at {server.base_url}", flush=True)
             code = main_with(args, server.base_url, args.model or MODEL_NAME, server)
+            channels = server.tova_channels()
             if server.proc.poll() is not None:
                 print(f"server exited during the run with code {server.proc.returncode}")
                 code = 1
@@ -657,6 +366,11 @@ def main(argv=None) -> int:
             raise
         finally:
             server.stop()
+            left = [str(path) for path in channels if path.exists()]
+            print(f"after stopping the server: its metrics channel {channels and channels[0]} "
+                  f"{'LEFT BEHIND' if left else 'removed'}")
+            if left:
+                sys.exit(1)
 
 
 if __name__ == "__main__":

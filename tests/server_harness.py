@@ -67,6 +67,23 @@ class VllmServer:
     def tail(self, lines: int = 60) -> str:
         return log_tail(self.log_path, lines)
 
+    def tova_channels(self) -> list[Path]:
+        """The TOVA metrics channel files in /dev/shm written by this server's processes
+        (other servers on the host may have theirs)."""
+        import struct
+
+        from tova_vllm.engine import stats_channel
+
+        found = []
+        for path in stats_channel._channel_dir().glob("tova-vllm-*.stats"):
+            try:
+                pid = struct.unpack(stats_channel._FORMAT, path.read_bytes())[3]
+                if pid > 0 and os.getpgid(pid) == self.proc.pid:
+                    found.append(path)
+            except (OSError, struct.error):
+                continue
+        return found
+
     def health_status(self, timeout: float = 5.0) -> Optional[int]:
         try:
             with urllib.request.urlopen(f"{self.base_url}/health", timeout=timeout) as resp:

@@ -28,17 +28,12 @@ SERVER_ARGS = [
 
 
 def _channel_of(server: VllmServer, timeout: float = 30.0) -> Path:
-    """The server's channel file: the one whose writer is in the server's process group
-    (other servers on this host may have theirs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for path in stats_channel._channel_dir().glob("tova-vllm-*.stats"):
-            try:
-                pid = struct.unpack(stats_channel._FORMAT, path.read_bytes())[3]
-                if pid > 0 and os.getpgid(pid) == server.proc.pid:
-                    return path
-            except (OSError, struct.error):
-                continue
+        channels = server.tova_channels()
+        if channels:
+            (channel,) = channels
+            return channel
         time.sleep(0.2)
     raise AssertionError(f"no channel file of the server\n{server.tail()}")
 
