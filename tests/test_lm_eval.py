@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "docs" / "lm_eval"
-METRICS = ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")
+# word_perplexity of a tiny random model is near float overflow; the byte metrics are not.
+METRICS = ("byte_perplexity,none", "bits_per_byte,none")
 ARCH = "llama_gqa"
 
 
