@@ -70,7 +70,8 @@ def test_unknown_key_fails_at_startup(tiny_models):
 def test_quantized_kv_cache_is_rejected(tiny_models):
     from vllm import LLM
 
-    with pytest.raises(IncompatibleWithTova, match="kv_cache_dtype"):
+    # The refusal names the setting to change.
+    with pytest.raises(IncompatibleWithTova, match="kv_cache_dtype.*unset --kv-cache-dtype"):
         LLM(model=str(tiny_models["llama_gqa"]), kv_cache_dtype="fp8",
             additional_config={"tova": {"cache_size": 8}})
 

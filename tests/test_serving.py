@@ -281,7 +281,13 @@ def test_server_log_shows_tova_settings(server):
 
 
 def test_server_log_announces_tova(server):
-    assert "tova-vllm: TOVA enabled, cache_size=32" in server.log()
+    # One line, from the process the user started, naming everything TOVA changed.
+    lines = [line for line in server.log().splitlines() if "tova-vllm: TOVA enabled" in line]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    for part in ("cache_size=32 tokens", "policy=tova", "prompt_mode=prompt",
+                 "prefix caching off"):
+        assert part in line, line
 
 
 def _tova_metrics(server) -> dict[str, float]:
@@ -348,3 +354,65 @@ def _settled_value(server, key, want, timeout=20.0):
             return value
         time.sleep(0.2)
     return value
+
+
+def _post_json(server, route: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.base_url}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": CONVERSATION[:2], "max_tokens": 4}),
+])
+@pytest.mark.parametrize("xargs,param", [
+    ({"tova_cache_size": CACHE_SIZE + 1}, "tova_cache_size"),
+    ({"tova_policy": "lru"}, "tova_policy"),
+])
+def test_tova_400_body_is_vllms_error_schema(server, route, body, xargs, param):
+    """A bad per-request TOVA argument gets the same JSON body vLLM gives its own 400s
+    (here: a negative max_tokens), with the argument in ``param`` and its bound in the
+    message."""
+    body = {"model": MODEL_NAME, **body}
+    vllm_status, vllm_error = _post_json(server, route, {**body, "max_tokens": -1})
+    status, error = _post_json(server, route, {**body, "vllm_xargs": xargs})
+    assert vllm_status == status == 400
+    assert set(error) == set(vllm_error) == {"error"}
+    assert set(error["error"]) == set(vllm_error["error"]), (error, vllm_error)
+    assert error["error"]["type"] == vllm_error["error"]["type"] == "BadRequestError"
+    assert error["error"]["code"] == vllm_error["error"]["code"] == 400
+    assert error["error"]["param"] == param
+    assert param in error["error"]["message"]
+
+
+def test_vllm_bench_serve(server, tiny_models, tmp_path):
+    """vLLM's own serving benchmark runs against the TOVA server and reports; the server's
+    eviction counter shows the requests were bounded."""
+    import subprocess
+
+    before = _tova_metrics(server).get("tova_evicted_tokens_total", 0.0)
+    num_prompts, input_len, output_len = 4, 48, 16
+    out = subprocess.run(
+        ["vllm", "bench", "serve", "--base-url", server.base_url, "--model", MODEL_NAME,
+         "--tokenizer", str(tiny_models[ARCH]), "--dataset-name", "random",
+         "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+         "--num-prompts", str(num_prompts), "--ignore-eos", "--seed", "0",
+         "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Serving Benchmark Result" in out.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == num_prompts and result["total_output_tokens"] == (
+        num_prompts * output_len)
+    # Every prompt is longer than the budget: each request drops every token it fed past
+    # C (the prompt's surplus at its end, then one per fed-back generated token).
+    evicted = _settled(server, "tova_evicted_tokens_total", before) - before
+    assert evicted == result["total_input_tokens"] + num_prompts * (output_len - 1 - CACHE_SIZE)

@@ -8,6 +8,7 @@ would hash and share).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 
 from ..config import settings_from_additional_config
@@ -22,10 +23,10 @@ class IncompatibleWithTova(Exception):
     """Not a ValueError, so pydantic's VllmConfig validation does not re-wrap it."""
 
 
-def _reject(what: str) -> None:
+def _reject(what: str, setting: str) -> None:
     raise IncompatibleWithTova(
         f"tova-vllm: {what} cannot be used with TOVA KV eviction "
-        '(additional_config["tova"]); remove one of them'
+        f'(additional_config["tova"]); unset {setting}, or remove additional_config["tova"]'
     )
 
 
@@ -42,19 +43,37 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
         apply_patch("serving_validates_tova_args")
         _check_model(vllm_config)
         _check_features(vllm_config)
+        changed = []
         cache = vllm_config.cache_config
         if cache.enable_prefix_caching:
-            logger.info(
-                "tova-vllm: disabling prefix caching: TOVA compacts each request's KV blocks "
-                "in place, so they cannot be shared with other requests"
-            )
             cache.enable_prefix_caching = False
+            changed.append("prefix caching off (TOVA compacts each request's KV blocks in "
+                           "place, so they cannot be shared with other requests)")
+        # Engine processes re-run this check on the config they were sent; the user reads
+        # the line of the process that built the config.
+        if multiprocessing.parent_process() is None:
+            logger.info("%s", startup_line(settings, changed))
         return
     assert not vllm_config.cache_config.enable_prefix_caching
-    logger.info(
-        "tova-vllm: TOVA enabled, cache_size=%d tokens per request and layer, prompt_mode=%s%s",
-        settings.cache_size, settings.prompt_mode,
-        f" (prompt_chunk={settings.prompt_chunk})" if settings.prompt_mode == "chunked" else "",
+
+
+def startup_line(settings, changed: list[str]) -> str:
+    """Everything TOVA changes, in one log line (the budget, the policy, what is off)."""
+    mode = settings.prompt_mode + (f" (prompt_chunk={settings.prompt_chunk}: peak C + "
+                                   f"{settings.prompt_chunk} per request)"
+                                   if settings.prompt_mode == "chunked" else
+                                   " (a prompt is held whole until its last token)")
+    policy = settings.policy + {
+        "sink_window": f" (sinks={settings.sinks})",
+        "h2o": f" (recent={settings.recent})" if settings.recent is not None else "",
+    }.get(settings.policy, "")
+    return (
+        f"tova-vllm: TOVA enabled: cache_size={settings.cache_size} tokens per request and "
+        f"layer (decoding requests hold ceil((cache_size + 1) / block_size) KV blocks), "
+        f"policy={policy}, prompt_mode={mode}; changed in vLLM: "
+        + ("; ".join(changed) if changed else "nothing")
+        + '. Per request: vllm_xargs / extra_args "tova_cache_size" (<= cache_size), '
+        '"tova_policy"'
     )
 
 
@@ -69,22 +88,28 @@ def _check_features(vllm_config) -> None:
             f"not on {current_platform.device_name}"
         )
     if vllm_config.speculative_config is not None:
-        _reject("speculative decoding (its draft tokens would enter the eviction)")
+        _reject("speculative decoding (its draft tokens would enter the eviction)",
+                "--speculative-config")
     if vllm_config.kv_transfer_config is not None:
-        _reject("a KV connector (it assumes token position == cache position)")
+        _reject("a KV connector (it assumes token position == cache position)",
+                "--kv-transfer-config")
     cache = vllm_config.cache_config
     if cache.kv_offloading_size:
-        _reject("KV offloading (it assumes token position == cache position)")
+        _reject("KV offloading (it assumes token position == cache position)",
+                "--kv-offloading-size")
     if cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto"):
-        _reject(f"kv_cache_dtype={cache.cache_dtype!r} (scores are computed from an unquantized cache)")
+        _reject(f"kv_cache_dtype={cache.cache_dtype!r} (scores are computed from an unquantized cache)",
+                "--kv-cache-dtype (use auto)")
     parallel = vllm_config.parallel_config
     if getattr(parallel, "decode_context_parallel_size", 1) > 1 or getattr(
         parallel, "prefill_context_parallel_size", 1
     ) > 1:
-        _reject("context parallelism (each rank would score a shard of the tokens)")
+        _reject("context parallelism (each rank would score a shard of the tokens)",
+                "--decode-context-parallel-size / --prefill-context-parallel-size")
     if getattr(parallel, "use_ubatching", False):
         _reject("micro-batching (enable_dbo / ubatch_size: each micro-batch's metadata is "
-                "built for a slice of the batch, which TOVA's planner reads whole)")
+                "built for a slice of the batch, which TOVA's planner reads whole)",
+                "--enable-dbo / --ubatch-size")
 
 
 def _check_model(vllm_config) -> None:
@@ -110,7 +135,8 @@ def _check_model(vllm_config) -> None:
     if layer_kind is not None:
         raise IncompatibleWithTova(
             f"tova-vllm: model {model.model!r} has {layer_kind}; TOVA supports decoder-only "
-            "models whose layers all use full causal attention"
+            "models whose layers all use full causal attention; serve another --model, or "
+            'remove additional_config["tova"]'
         )
 
 
@@ -132,17 +158,19 @@ def _select_cuda_backend(vllm_config) -> None:
     attention = vllm_config.attention_config
     chosen = attention.backend
     if chosen not in (None, AttentionBackendEnum.FLASH_ATTN, AttentionBackendEnum.CUSTOM):
-        _reject(f"attention backend {chosen.name} (TOVA's CUDA path is built on FLASH_ATTN)")
+        _reject(f"attention backend {chosen.name} (TOVA's CUDA path is built on FLASH_ATTN)",
+                "--attention-backend")
     from .. import CUDA_BACKEND
 
     if AttentionBackendEnum.CUSTOM.get_path() != CUDA_BACKEND:
         _reject(f"another plugin's CUSTOM attention backend "
-                f"({AttentionBackendEnum.CUSTOM.get_path()})")
+                f"({AttentionBackendEnum.CUSTOM.get_path()})", "the other plugin (VLLM_PLUGINS)")
     attention.backend = AttentionBackendEnum.CUSTOM
     # Only the V1 model runner's metadata path is wired; engine processes read this at
     # start-up, after this check.
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
-        _reject("VLLM_USE_V2_MODEL_RUNNER=1 (TOVA's CUDA path is wired for the V1 model runner)")
+        _reject("VLLM_USE_V2_MODEL_RUNNER=1 (TOVA's CUDA path is wired for the V1 model runner)",
+                "VLLM_USE_V2_MODEL_RUNNER")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     logger.warning(
         "tova-vllm: EXPERIMENTAL CUDA path enabled (%s=1): FlashAttention backend with "

@@ -17,7 +17,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import request_cache_size
-from ..policies import EvictionSchedule, cdiv
+from ..policies import EvictionSchedule, cdiv, decode_positions, peak_positions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,11 +52,9 @@ class TovaSpec(FullAttentionSpec):
         at C + prompt_chunk; the paper's ``prompt`` mode holds the whole prompt until its
         last token, so its peak stays max_model_len.
         """
-        max_model_len = vllm_config.model_config.max_model_len
-        peak = self.tova_cache_size + (self.tova_prompt_chunk or max_model_len)
-        return cdiv(min(max_model_len, max(peak, self.tova_cache_size + 1)), self.block_size) * (
-            self.page_size_bytes
-        )
+        positions = peak_positions(self.tova_cache_size, self.prompt_chunk,
+                                   vllm_config.model_config.max_model_len)
+        return cdiv(positions, self.block_size) * self.page_size_bytes
 
 
 class TovaManager(FullAttentionManager):
@@ -111,7 +109,7 @@ class TovaManager(FullAttentionManager):
                               num_prompt_tokens=None) -> None:
         schedule = self._schedule(request_id)
         if processed_computed_tokens >= schedule.prompt_len > 0:
-            keep_blocks = cdiv(schedule.cache_size + 1, self.block_size)
+            keep_blocks = cdiv(decode_positions(schedule.cache_size), self.block_size)
             self._remove_blocks_in_range(request_id, keep_blocks, len(self.req_to_blocks[request_id]))
 
     def free(self, request_id: str) -> None:

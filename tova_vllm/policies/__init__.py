@@ -10,7 +10,7 @@ from .eviction import (
     EvictionPolicy,
     accumulated_from_logits,
 )
-from .schedule import EvictionSchedule, cdiv
+from .schedule import EvictionSchedule, cdiv, decode_positions, peak_positions
 from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
 from .selection import compaction_moves, prompt_eviction_moves, slot_to_drop, slots_to_keep
 
@@ -21,6 +21,8 @@ __all__ = [
     "accumulated_from_logits",
     "EvictionSchedule",
     "cdiv",
+    "decode_positions",
+    "peak_positions",
     "compaction_moves",
     "gqa_logits",
     "head_summed_probs",

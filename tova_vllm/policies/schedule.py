@@ -25,6 +25,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def decode_positions(cache_size: int) -> int:
+    """Cache positions a decoding request holds: C kept + the new token that attends."""
+    return cache_size + 1
+
+
+def peak_positions(cache_size: int, prompt_chunk: Optional[int], max_model_len: int) -> int:
+    """Most cache positions one request of any length up to ``max_model_len`` can hold.
+
+    ``chunked`` prompts peak at C + prompt_chunk before an eviction; the paper's ``prompt``
+    mode holds the whole prompt until its last token, so its peak stays max_model_len.
+    """
+    peak = cache_size + (prompt_chunk or max_model_len)
+    return min(max_model_len, max(peak, decode_positions(cache_size)))
+
+
 @dataclass(frozen=True)
 class EvictionSchedule:
     cache_size: int
