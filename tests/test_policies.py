@@ -385,3 +385,16 @@ def test_accumulated_from_logits_is_the_summed_softmax(kv_heads, group, queries)
                     want[r, seen] += w
     torch.testing.assert_close(accumulated_from_logits(logits, visible).double(), want,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_registry_lists_every_policy_module_and_the_readme_table():
+    import pathlib
+    import pkgutil
+
+    from tova_vllm.policies import POLICY_NAMES, policy_table, policy_units, units
+
+    modules = {m.name for m in pkgutil.iter_modules(units.__path__)}
+    assert set(POLICY_NAMES) == set(policy_units()) == modules
+    assert POLICY_NAMES[0] == "tova"  # the default
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert policy_table() in readme

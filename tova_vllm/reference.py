@@ -360,9 +360,9 @@ def generate(
         eos_token_id: stop after generating this token (it is included in the output).
         trace: called with a :class:`LayerTrace` for every layer of every segment, right
             after that layer's attention and eviction.
-        policy: which tokens survive: ``"tova"`` (default), ``"window"``,
-            ``"sink_window"``, ``"h2o"``, or an :class:`~tova_vllm.policies.EvictionPolicy`
-            (to set sinks / H2O's recent window).
+        policy: which tokens survive: a name in ``policies.POLICY_NAMES`` (default
+            ``"tova"``), or an :class:`~tova_vllm.policies.EvictionPolicy` (to set sinks /
+            H2O's recent window).
 
     Returns:
         A :class:`ReferenceOutput`.

@@ -5,16 +5,22 @@ functions, so the policy is tested once and shared.
 """
 
 from .eviction import (
+    ACCUMULATE_QUERY_BLOCK,
     DEFAULT_SINKS,
     POLICY_NAMES,
     EvictionPolicy,
     accumulated_from_logits,
 )
+from .registry import PolicyUnit, policy_table, policy_units
 from .schedule import EvictionSchedule, cdiv
 from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
 from .selection import compaction_moves, prompt_eviction_moves, slot_to_drop, slots_to_keep
 
 __all__ = [
+    "ACCUMULATE_QUERY_BLOCK",
+    "PolicyUnit",
+    "policy_table",
+    "policy_units",
     "DEFAULT_SINKS",
     "POLICY_NAMES",
     "EvictionPolicy",
