@@ -12,7 +12,7 @@ per generated token).  For a segment of L new tokens, in every layer:
 2. query i of the segment attends to slots ``[0, m + i]`` (softmax in fp32);
 3. if the segment ends at an eviction point, every slot is scored by the segment's
    *last* query: its softmax weights averaged over all query heads.  The C best slots
-   survive (:func:`~tova_vllm.policies.slots_to_keep`), and survivors at slots >= C move
+   survive (:func:`~tova_vllm.policies.positions_to_keep`), and survivors at slots >= C move
    into the holes below C (:func:`~tova_vllm.policies.compaction_moves`).
 
 The cache is kept in that compacted *slot order* on purpose, not in position order:
@@ -40,8 +40,8 @@ from .policies import (
     accumulated_from_logits,
     compaction_moves,
     head_summed_probs,
-    slots_to_keep,
-    tova_scores,
+    positions_to_keep,
+    head_mean,
 )
 
 __all__ = [
@@ -248,7 +248,7 @@ class _Runner:
             last_probs = None
             if policy.needs_last_query_probs:
                 head_sum = head_summed_probs(q_last.unsqueeze(0), keys.unsqueeze(0), scale)
-                last_probs = tova_scores(head_sum, total_q_heads=q.shape[0])
+                last_probs = head_mean(head_sum, total_q_heads=q.shape[0])
             scores = policy.keep_scores(
                 cache_size=torch.tensor([self.cache_size]),
                 query_position=torch.tensor([end - 1]),
@@ -256,7 +256,7 @@ class _Runner:
                 last_query_probs=last_probs,
                 accumulated=accumulated.unsqueeze(0),
             )[0]
-            kept = slots_to_keep(scores, self.cache_size)
+            kept = positions_to_keep(scores, self.cache_size)
             src, dst = compaction_moves(kept, self.cache_size)
             # Fresh tensors, so the pre-eviction ones handed to ``trace`` stay intact.
             cache.keys = keys[:, : self.cache_size].clone()
@@ -299,7 +299,7 @@ def _accumulated_increment(query: torch.Tensor, keys: torch.Tensor, num_old: int
     logits = torch.einsum("rkgld,rksd->rkgls", q, keys.float().unsqueeze(0)) * scale
     slot = torch.arange(num_slots, device=query.device)
     visible = slot.view(1, -1) <= (num_old + torch.arange(num_new, device=query.device)).view(-1, 1)
-    return tova_scores(accumulated_from_logits(logits, visible.unsqueeze(0))[0], q_heads)
+    return head_mean(accumulated_from_logits(logits, visible.unsqueeze(0))[0], q_heads)
 
 
 def _check_args(cache_size, prompt_mode, prompt_chunk, policy) -> EvictionPolicy:

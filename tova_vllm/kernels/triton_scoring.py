@@ -27,7 +27,7 @@ from the shapes and the SM count, so that few long rows still fill the GPU.  The
 kernel then runs as above, so this mode reads K twice (two-pass).
 
 ``_tova_argmin_kernel``: grid ``(rows,)``; the lowest live score per row, ties -> the
-highest slot (``policies.selection.slot_to_drop``).  Top-C for prompt evictions is not a
+highest slot (``policies.selection.position_to_drop``).  Top-C for prompt evictions is not a
 kernel: it is the rare path and uses ``torch.sort`` on the scores
 (:func:`.torch_ref.keep_slots`, stable, ties keep the lower slot), on the GPU.
 

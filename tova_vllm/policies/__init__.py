@@ -13,8 +13,8 @@ from .eviction import (
 )
 from .registry import PolicyUnit, policy_table, policy_units
 from .schedule import EvictionSchedule, cdiv
-from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
-from .selection import compaction_moves, prompt_eviction_moves, slot_to_drop, slots_to_keep
+from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, head_mean
+from .selection import compaction_moves, prompt_eviction_moves, position_to_drop, positions_to_keep
 
 __all__ = [
     "ACCUMULATE_QUERY_BLOCK",
@@ -30,9 +30,9 @@ __all__ = [
     "compaction_moves",
     "gqa_logits",
     "head_summed_probs",
+    "head_mean",
     "head_summed_probs_from_logits",
     "prompt_eviction_moves",
-    "slot_to_drop",
-    "slots_to_keep",
-    "tova_scores",
+    "position_to_drop",
+    "positions_to_keep",
 ]

@@ -100,7 +100,7 @@ def accumulated_from_logits(logits: torch.Tensor, visible: torch.Tensor) -> torc
     ``[rows, queries, slots]``, which slots each query attends to (causality, padding;
     an all-False query row contributes nothing).  Returns fp32 ``[rows, slots]``: H2O's
     increment *summed* over heads (divide by the total head count after any tensor-parallel
-    all-reduce, as for :func:`~tova_vllm.policies.tova_scores`).
+    all-reduce, as for :func:`~tova_vllm.policies.head_mean`).
     """
     masked = logits.masked_fill(~visible.unsqueeze(1).unsqueeze(1), float("-inf"))
     probs = torch.softmax(masked, dim=-1).nan_to_num_(0.0)  # all-masked rows: 0, not NaN
