@@ -18,15 +18,8 @@ vLLM makes, asked for ``return_softmax_lse=True``; the LSE of each evicting row'
 goes to the scoring kernel.  Otherwise vLLM's own ``forward`` runs and the scoring kernel
 computes the softmax itself (a second pass over the keys).
 
-Status: vLLM's CUDA build cannot be installed on the machines this was written on, so
-this module has never run inside vLLM on a GPU.  It runs inside vLLM's engine on CPU in
-``tests/test_cuda_backend_on_cpu.py``: vLLM's FlashAttention code as is, with only its two
-compiled ops (``flash_attn_varlen_func``, ``reshape_and_cache_flash``) replaced by torch
-versions of their contracts, and equals the reference there (torch and interpreted Triton
-eviction kernels).  The Triton kernels ran on an H100 (see the README's CUDA section).
-Unverified: the real
-FlashAttention kernels under this backend, CUDA streams, speed in the engine.  It is
-therefore only enabled with ``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (see ``config_check.py``).
+Enabled only with ``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (``config_check.py``); what has run
+where (and what has not) is in the README's set-up section.
 """
 
 from __future__ import annotations
