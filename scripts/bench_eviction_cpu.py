@@ -33,8 +33,9 @@ def main() -> None:
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from tova_vllm.engine.cpu_layout import copy_positions, last_query_logits, probe_page_layout
-    from tova_vllm.policies import head_summed_probs_from_logits, slot_to_drop
+    from tova_vllm.engine.cpu_evictor import copy_positions, last_query_logits
+    from tova_vllm.engine.cpu_layout import probe_page_layout
+    from tova_vllm.policies import head_summed_probs_from_logits, position_to_drop
 
     dtype = getattr(torch, args.dtype)
     E, C, bs, D = args.requests, args.cache_size, args.block_size, args.head_size
@@ -76,7 +77,7 @@ def main() -> None:
     def evict():
         logits = last_query_logits(pages, layout, block_ids, offsets, query, scale)
         probs = head_summed_probs_from_logits(logits, live_t) / args.q_heads
-        drop = slot_to_drop(probs, live_t)
+        drop = position_to_drop(probs, live_t)
         copy_positions(pages, layout, block_ids[rows, keep], offsets[rows, keep],
                        block_ids[rows, drop], offsets[rows, drop])
 

@@ -19,8 +19,8 @@ from tova_vllm.policies import (
     EvictionPolicy,
     compaction_moves,
     head_summed_probs,
-    slot_to_drop,
-    slots_to_keep,
+    position_to_drop,
+    positions_to_keep,
 )
 
 
@@ -115,10 +115,10 @@ def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype
             accumulated=dense_acc[r].unsqueeze(0),
         )[0]
         if decode:
-            drop = int(slot_to_drop(score.unsqueeze(0), torch.tensor([live[r]]))[0])
+            drop = int(position_to_drop(score.unsqueeze(0), torch.tensor([live[r]]))[0])
             src, dst = torch.tensor([live[r] - 1]), torch.tensor([drop])
         else:
-            src, dst = compaction_moves(slots_to_keep(score, keep[r]), keep[r])
+            src, dst = compaction_moves(positions_to_keep(score, keep[r]), keep[r])
         state = [t.clone() for t in (dense_k[r], dense_v[r], dense_pos[r], dense_acc[r])]
         for t in state:
             t[dst] = t[src].clone()
@@ -139,7 +139,7 @@ def run_case(*, backend: str, decode: bool, policies: Optional[list[str]], dtype
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
     try:
-        evictor.evict(query_dev, *split_flash_kv_cache(kv_dev, head_dim), ev, lse=lse_dev,
+        evictor.evict(query_dev, split_flash_kv_cache(kv_dev, head_dim), ev, lse=lse_dev,
                       groups=groups,
                       side=None if policies is None else side_dev)
     finally:

@@ -21,13 +21,8 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from tova_vllm.engine.cpu_layout import (
-    _BASE,
-    _decode_half,
-    copy_positions,
-    gather,
-    probe_page_layout,
-)
+from tova_vllm.engine.cpu_evictor import copy_positions, gather
+from tova_vllm.engine.cpu_layout import _BASE, _decode_half, probe_page_layout
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -290,7 +285,7 @@ def test_last_query_logits_fast_path_equals_written_keys(dtype, block_size, head
     """The scorer's block-wise path (a matmul against each block's raw K) gives the logits
     of the keys vLLM's op wrote, for ragged rows over shuffled blocks; the padding positions
     past ``live`` are the engine's to mask, so only live positions are compared."""
-    from tova_vllm.engine.cpu_layout import last_query_logits
+    from tova_vllm.engine.cpu_evictor import last_query_logits
     from tova_vllm.policies import gqa_logits
 
     gen = torch.Generator().manual_seed(7 + block_size + head_size + kv_heads)

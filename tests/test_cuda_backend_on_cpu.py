@@ -8,7 +8,7 @@ reference (``tova_vllm.reference``), as the CPU backend's do in ``test_engine*.p
 
 What this does not prove: the real FlashAttention kernels' behaviour (their LSE layout is
 taken from vLLM's own uses of it), CUDA streams and speed.  The Triton kernels are checked
-on their own in ``test_kernels.py`` (and on a GPU when one is lent, see issue 6).
+on their own in ``test_kernels.py`` (and on a GPU by ``scripts/gpu_checks.sh``).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ import pytest
 from engine_harness import (
     Req, make_llm, preemption_workload, random_prompts, run, run_with_preemption_log, shutdown,
 )
-from tova_vllm.policies import EvictionPolicy
+from tova_vllm.policies import POLICY_NAMES, EvictionPolicy
 from tova_vllm.reference import generate as reference_generate
 
-POLICIES = ("tova", "window", "sink_window", "h2o")
+POLICIES = POLICY_NAMES  # every registered policy
 
 
 def _expected(model, req: Req, cache_size: int, policy, prompt_mode="prompt", prompt_chunk=512):

@@ -34,7 +34,7 @@ import torch
 
 from tova_vllm.kernels import KernelBackend, select_backend
 from tova_vllm.kernels import torch_ref as ref
-from tova_vllm.policies import compaction_moves, head_summed_probs, slot_to_drop, slots_to_keep
+from tova_vllm.policies import compaction_moves, head_summed_probs, position_to_drop, positions_to_keep
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -229,11 +229,11 @@ def test_oracle_selection_rules_match_policies():
     g = torch.Generator().manual_seed(3)
     scores = torch.randint(0, 4, (6, 12), generator=g).float()  # many exact ties
     live = torch.tensor([12, 7, 1, 12, 5, 9])
-    assert torch.equal(ref.decode_drop_slot(scores, live), slot_to_drop(scores, live))
+    assert torch.equal(ref.decode_drop_slot(scores, live), position_to_drop(scores, live))
     kept = ref.keep_slots(scores, live, 4)
     for r in range(6):
         if int(live[r]) >= 4:
-            assert torch.equal(kept[r], slots_to_keep(scores[r, : int(live[r])], 4))
+            assert torch.equal(kept[r], positions_to_keep(scores[r, : int(live[r])], 4))
 
 
 def test_select_backend():
@@ -351,7 +351,7 @@ def test_argmin_kernel_exact_ties_and_padding():
     live = torch.tensor([1200, 1, 7, 1025, 1100], dtype=torch.int32)
     scores[3, 1024] = -0.5  # the unique minimum sits alone in the second tile
     got = T.decode_drop_slot(scores.to(DEVICE), live.to(DEVICE)).cpu()
-    assert torch.equal(got, slot_to_drop(scores, live))
+    assert torch.equal(got, position_to_drop(scores, live))
     assert int(got[3]) == 1024
     empty = T.decode_drop_slot(scores[:1].to(DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE))
     assert int(empty[0]) == -1
@@ -427,7 +427,7 @@ def test_decode_step_end_to_end(fused):
     scores[1, 3] = scores[1, 24]  # an exact tie with the last position: dropping it is a no-op move
     scores[1, 3:24] = torch.maximum(scores[1, 3:24], scores[1, 24])
     results = []
-    for be in (select_backend(backend="torch"), T):
+    for be in (ref, T):  # the modules: decode_drop_slot is no engine entry point
         k, v = kc.clone(), vc.clone()
         if fused:
             drop = be.decode_evict(scores, lv, k, v, bt, evict)

@@ -1,7 +1,7 @@
 """Unit tests of ``plan_step``: phases, cache slots and eviction rows of one engine step.
 
 Every batch is checked against ``_simulate``, a token-by-token model written from the
-design notes only (DESIGN.md §2), not from ``EvictionSchedule``: a request holds ``live``
+invariant in the README ("How it fits into vLLM"), not from ``EvictionSchedule``: a request holds ``live``
 cache positions; each new token is written at position ``live`` and ``live`` grows by one;
 after the token that completes ``b`` tokens, if ``b`` is a boundary (``b >= prompt_len``,
 or in ``chunked`` mode ``b % prompt_chunk == 0``) and ``live > cache_size``, the last

@@ -13,9 +13,9 @@ from tova_vllm.policies import (
     compaction_moves,
     head_summed_probs,
     prompt_eviction_moves,
-    slot_to_drop,
-    slots_to_keep,
-    tova_scores,
+    position_to_drop,
+    positions_to_keep,
+    head_mean,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -157,22 +157,22 @@ def test_head_summed_probs_matches_naive_loop(q_heads, kv_heads):
             want[:n] += torch.softmax(logits.double(), dim=0)
         torch.testing.assert_close(got[r].double(), want, atol=1e-6, rtol=1e-5)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(tova_scores(got, q_heads).sum(-1), torch.ones(rows))
+    torch.testing.assert_close(head_mean(got, q_heads).sum(-1), torch.ones(rows))
 
 
 # --------------------------------------------------------------------------- selection
 
 
-def test_slots_to_keep_by_hand():
+def test_positions_to_keep_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.1, 0.3, 0.1])
     # Ties at 0.1 in slots 0, 2, 4: the lowest slot ranks first, the highest is dropped.
-    assert slots_to_keep(scores, 3).tolist() == [0, 1, 3]
-    assert slots_to_keep(scores, 4).tolist() == [0, 1, 2, 3]
-    assert slots_to_keep(torch.full((6,), 0.25), 4).tolist() == [0, 1, 2, 3]
-    assert slots_to_keep(scores, 5).tolist() == [0, 1, 2, 3, 4]
+    assert positions_to_keep(scores, 3).tolist() == [0, 1, 3]
+    assert positions_to_keep(scores, 4).tolist() == [0, 1, 2, 3]
+    assert positions_to_keep(torch.full((6,), 0.25), 4).tolist() == [0, 1, 2, 3]
+    assert positions_to_keep(scores, 5).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_slot_to_drop_by_hand():
+def test_position_to_drop_by_hand():
     scores = torch.tensor(
         [
             [0.3, 0.1, 0.2, 0.1, 0.0],  # tie at 0.1 (slots 1, 3); slot 4 is padding
@@ -181,7 +181,7 @@ def test_slot_to_drop_by_hand():
         ]
     )
     live = torch.tensor([4, 5, 3])
-    assert slot_to_drop(scores, live).tolist() == [3, 4, 1]
+    assert position_to_drop(scores, live).tolist() == [3, 4, 1]
 
 
 def _reference_drop(scores: list[float]) -> int:
@@ -192,7 +192,7 @@ def _reference_drop(scores: list[float]) -> int:
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("seed", range(20))
-def test_slot_to_drop_agrees_with_slots_to_keep(seed, tied):
+def test_position_to_drop_agrees_with_positions_to_keep(seed, tied):
     g = torch.Generator().manual_seed(seed)
     rows, slots = 6, 12
     if tied:  # few distinct values: many exact ties
@@ -200,22 +200,22 @@ def test_slot_to_drop_agrees_with_slots_to_keep(seed, tied):
     else:
         scores = torch.rand(rows, slots, generator=g)
     live = torch.randint(1, slots + 1, (rows,), generator=g)
-    dropped = slot_to_drop(scores, live)
+    dropped = position_to_drop(scores, live)
     for r in range(rows):
         n = int(live[r])
         row = scores[r, :n]
-        kept = slots_to_keep(row, n - 1).tolist()
+        kept = positions_to_keep(row, n - 1).tolist()
         (missing,) = set(range(n)) - set(kept)
         assert int(dropped[r]) == missing == _reference_drop(row.tolist())
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_slots_to_keep_is_top_k_with_slot_tie_break(seed):
+def test_positions_to_keep_is_top_k_with_slot_tie_break(seed):
     rng = random.Random(seed)
     n = rng.randint(2, 30)
     keep = rng.randint(1, n)
     values = [rng.choice([0.0, 0.25, 0.5, 1.0]) if seed % 2 else rng.random() for _ in range(n)]
-    kept = slots_to_keep(torch.tensor(values), keep).tolist()
+    kept = positions_to_keep(torch.tensor(values), keep).tolist()
     want = sorted(sorted(range(n), key=lambda j: (-values[j], j))[:keep])
     assert kept == want
 
@@ -251,7 +251,7 @@ def test_compaction_moves_pack_kept_slots(seed):
 @pytest.mark.parametrize("seed", range(40))
 def test_prompt_eviction_moves_equal_the_per_row_rules(seed):
     """The batched fixed-shape prompt selection (the CUDA path's, no host read-back) makes
-    exactly the moves of slots_to_keep + compaction_moves row by row: tied scores, any
+    exactly the moves of positions_to_keep + compaction_moves row by row: tied scores, any
     padding values, a loose max_keep bound."""
     g = torch.Generator().manual_seed(seed)
     rows, width = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 50, (1,), generator=g))
@@ -267,7 +267,7 @@ def test_prompt_eviction_moves_equal_the_per_row_rules(seed):
     assert src.shape == dst.shape == row.shape == (rows * min(max_keep, width),)
     total = 0
     for e in range(rows):
-        kept = slots_to_keep(scores[e, : live[e]], int(keep[e]))
+        kept = positions_to_keep(scores[e, : live[e]], int(keep[e]))
         want_src, want_dst = compaction_moves(kept, int(keep[e]))
         mine = row == e
         assert torch.equal(src[mine], want_src) and torch.equal(dst[mine], want_dst), e
@@ -283,7 +283,7 @@ def _kept_positions(policy, positions, cache_size, **inputs):
         cache_size=torch.tensor([cache_size]), query_position=positions.max().view(1),
         positions=positions.unsqueeze(0), **{k: v.unsqueeze(0) for k, v in inputs.items()},
     )[0]
-    return set(positions[slots_to_keep(scores, cache_size)].tolist())
+    return set(positions[positions_to_keep(scores, cache_size)].tolist())
 
 
 def _shuffled_positions(n: int, seed: int, gaps: bool = True) -> torch.Tensor:
@@ -344,7 +344,7 @@ def test_window_decode_rule_drops_the_oldest():
     scores = EvictionPolicy("window").keep_scores(
         cache_size=torch.tensor([4, 2]), query_position=torch.tensor([12, 8]), positions=positions)
     # Row 1 has 3 live slots; its padding (slots 3, 4) must not be chosen.
-    assert slot_to_drop(scores, torch.tensor([5, 3])).tolist() == [1, 2]
+    assert position_to_drop(scores, torch.tensor([5, 3])).tolist() == [1, 2]
 
 
 def test_policy_validation():
@@ -385,3 +385,16 @@ def test_accumulated_from_logits_is_the_summed_softmax(kv_heads, group, queries)
                     want[r, seen] += w
     torch.testing.assert_close(accumulated_from_logits(logits, visible).double(), want,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_registry_lists_every_policy_module_and_the_readme_table():
+    import pathlib
+    import pkgutil
+
+    from tova_vllm.policies import POLICY_NAMES, policy_table, policy_units, units
+
+    modules = {m.name for m in pkgutil.iter_modules(units.__path__)}
+    assert set(POLICY_NAMES) == set(policy_units()) == modules
+    assert POLICY_NAMES[0] == "tova"  # the default
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert policy_table() in readme

@@ -42,7 +42,8 @@ class TovaSettings:
     cache_size: int
     """C: the most tokens of KV cache each request keeps per layer."""
     policy: str = "tova"
-    """``tova`` (the paper), or a baseline: ``window``, ``sink_window``, ``h2o``."""
+    """A registered policy name (``policies.POLICY_NAMES``): ``tova`` (the paper) or a
+    baseline."""
     sinks: int = DEFAULT_SINKS
     """``sink_window``: the sequence's first tokens that are always kept."""
     recent: Optional[int] = None

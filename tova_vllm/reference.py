@@ -12,7 +12,7 @@ per generated token).  For a segment of L new tokens, in every layer:
 2. query i of the segment attends to slots ``[0, m + i]`` (softmax in fp32);
 3. if the segment ends at an eviction point, every slot is scored by the segment's
    *last* query: its softmax weights averaged over all query heads.  The C best slots
-   survive (:func:`~tova_vllm.policies.slots_to_keep`), and survivors at slots >= C move
+   survive (:func:`~tova_vllm.policies.positions_to_keep`), and survivors at slots >= C move
    into the holes below C (:func:`~tova_vllm.policies.compaction_moves`).
 
 The cache is kept in that compacted *slot order* on purpose, not in position order:
@@ -40,8 +40,8 @@ from .policies import (
     accumulated_from_logits,
     compaction_moves,
     head_summed_probs,
-    slots_to_keep,
-    tova_scores,
+    positions_to_keep,
+    head_mean,
 )
 
 __all__ = [
@@ -109,13 +109,27 @@ class ReferenceOutput:
 
 class _LayerCache:
     """Keys, values, logical positions and (H2O) accumulated attention of one layer, in
-    slot order."""
+    cache-position order."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.keys = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.positions = torch.empty(0, dtype=torch.long, device=device)
         self.accumulated = torch.empty(0, dtype=torch.float32, device=device)
+
+    def compact(self, keys, values, positions, accumulated, kept: torch.Tensor,
+                cache_size: int) -> None:
+        """Hold the ``kept`` cache positions of the given (pre-eviction) tensors, packed
+        in compaction order.  Fresh tensors, so the ones handed to ``trace`` stay intact."""
+        src, dst = compaction_moves(kept, cache_size)
+        self.keys = keys[:, :cache_size].clone()
+        self.values = values[:, :cache_size].clone()
+        self.positions = positions[:cache_size].clone()
+        self.accumulated = accumulated[:cache_size].clone()
+        self.keys[:, dst] = keys[:, src]
+        self.values[:, dst] = values[:, src]
+        self.positions[dst] = positions[src]
+        self.accumulated[dst] = accumulated[src]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -211,82 +225,69 @@ class _Runner:
         return logits, tuple(cache.positions.numel() for cache in self.caches)
 
     def _attention(self, index: int, layer, x: torch.Tensor, rope, start: int, evicts: bool):
+        """One layer's attention over its cache plus the segment, then its eviction."""
         attn = layer.self_attn
         cache = self.caches[index]
-        head_dim = attn.head_dim
         num_new = x.shape[1]
         end = start + num_new
-        cos, sin = rope
-        scale = getattr(attn, "scaling", head_dim**-0.5)
-
-        q = attn.q_proj(x).view(num_new, -1, head_dim)
-        k = attn.k_proj(x).view(num_new, -1, head_dim)
-        v = attn.v_proj(x).view(num_new, -1, head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
-            q = attn.q_norm(q)
-            k = attn.k_norm(k)
-        q = _apply_rope(q.transpose(0, 1), cos, sin)  # [q_heads, L, d]
-        k = _apply_rope(k.transpose(0, 1), cos, sin)  # [kv_heads, L, d]
-        v = v.transpose(0, 1)
+        scale = getattr(attn, "scaling", attn.head_dim**-0.5)
+        q, k, v = _project(attn, x, rope)
 
         num_old = cache.positions.numel()
         keys = torch.cat((cache.keys, k), dim=1)
         values = torch.cat((cache.values, v), dim=1)
         positions = torch.cat((cache.positions, torch.arange(start, end, device=self.device)))
-
         out = _attend(q, keys, values, num_old, scale)  # [q_heads, L, d]
         out = attn.o_proj(out.transpose(0, 1).reshape(1, num_new, -1))
 
-        policy = self.policy
-        q_last = q[:, -1]
         # Newly written slots start from zero accumulated attention.
         accumulated = torch.cat((cache.accumulated, cache.accumulated.new_zeros(num_new)))
-        if policy.needs_accumulated:
+        if self.policy.needs_accumulated:
             accumulated = accumulated + _accumulated_increment(q, keys, num_old, scale)
         scores = kept = None
         if evicts:
-            last_probs = None
-            if policy.needs_last_query_probs:
-                head_sum = head_summed_probs(q_last.unsqueeze(0), keys.unsqueeze(0), scale)
-                last_probs = tova_scores(head_sum, total_q_heads=q.shape[0])
-            scores = policy.keep_scores(
-                cache_size=torch.tensor([self.cache_size]),
-                query_position=torch.tensor([end - 1]),
-                positions=positions.unsqueeze(0),
-                last_query_probs=last_probs,
-                accumulated=accumulated.unsqueeze(0),
-            )[0]
-            kept = slots_to_keep(scores, self.cache_size)
-            src, dst = compaction_moves(kept, self.cache_size)
-            # Fresh tensors, so the pre-eviction ones handed to ``trace`` stay intact.
-            cache.keys = keys[:, : self.cache_size].clone()
-            cache.values = values[:, : self.cache_size].clone()
-            cache.positions = positions[: self.cache_size].clone()
-            cache.accumulated = accumulated[: self.cache_size].clone()
-            cache.keys[:, dst] = keys[:, src]
-            cache.values[:, dst] = values[:, src]
-            cache.positions[dst] = positions[src]
-            cache.accumulated[dst] = accumulated[src]
+            scores = self._keep_scores(q, keys, scale, positions, accumulated, end)
+            kept = positions_to_keep(scores, self.cache_size)
+            cache.compact(keys, values, positions, accumulated, kept, self.cache_size)
         else:
             cache.keys, cache.values, cache.positions = keys, values, positions
             cache.accumulated = accumulated
 
         if self.trace is not None:
-            self.trace(
-                LayerTrace(
-                    layer=index,
-                    start=start,
-                    end=end,
-                    evicted=evicts,
-                    positions=positions,
-                    query=q_last,
-                    keys=keys,
-                    scores=scores,
-                    kept_slots=kept,
-                    kept_positions=cache.positions,
-                )
-            )
+            self.trace(LayerTrace(
+                layer=index, start=start, end=end, evicted=evicts, positions=positions,
+                query=q[:, -1], keys=keys, scores=scores, kept_slots=kept,
+                kept_positions=cache.positions,
+            ))
         return out
+
+    def _keep_scores(self, q, keys, scale, positions, accumulated, end) -> torch.Tensor:
+        """The policy's keep score of every cache position; the last query is at ``end - 1``."""
+        last_probs = None
+        if self.policy.needs_last_query_probs:
+            head_sum = head_summed_probs(q[:, -1].unsqueeze(0), keys.unsqueeze(0), scale)
+            last_probs = head_mean(head_sum, total_q_heads=q.shape[0])
+        return self.policy.keep_scores(
+            cache_size=torch.tensor([self.cache_size]),
+            query_position=torch.tensor([end - 1]),
+            positions=positions.unsqueeze(0),
+            last_query_probs=last_probs,
+            accumulated=accumulated.unsqueeze(0),
+        )[0]
+
+
+def _project(attn, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[q_heads, L, d]``, k and v ``[kv_heads, L, d]`` of the segment, RoPE applied."""
+    cos, sin = rope
+    num_new, head_dim = x.shape[1], attn.head_dim
+    q = attn.q_proj(x).view(num_new, -1, head_dim)
+    k = attn.k_proj(x).view(num_new, -1, head_dim)
+    v = attn.v_proj(x).view(num_new, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    return (_apply_rope(q.transpose(0, 1), cos, sin), _apply_rope(k.transpose(0, 1), cos, sin),
+            v.transpose(0, 1))
 
 
 def _accumulated_increment(query: torch.Tensor, keys: torch.Tensor, num_old: int,
@@ -299,7 +300,7 @@ def _accumulated_increment(query: torch.Tensor, keys: torch.Tensor, num_old: int
     logits = torch.einsum("rkgld,rksd->rkgls", q, keys.float().unsqueeze(0)) * scale
     slot = torch.arange(num_slots, device=query.device)
     visible = slot.view(1, -1) <= (num_old + torch.arange(num_new, device=query.device)).view(-1, 1)
-    return tova_scores(accumulated_from_logits(logits, visible.unsqueeze(0))[0], q_heads)
+    return head_mean(accumulated_from_logits(logits, visible.unsqueeze(0))[0], q_heads)
 
 
 def _check_args(cache_size, prompt_mode, prompt_chunk, policy) -> EvictionPolicy:
@@ -360,9 +361,9 @@ def generate(
         eos_token_id: stop after generating this token (it is included in the output).
         trace: called with a :class:`LayerTrace` for every layer of every segment, right
             after that layer's attention and eviction.
-        policy: which tokens survive: ``"tova"`` (default), ``"window"``,
-            ``"sink_window"``, ``"h2o"``, or an :class:`~tova_vllm.policies.EvictionPolicy`
-            (to set sinks / H2O's recent window).
+        policy: which tokens survive: a name in ``policies.POLICY_NAMES`` (default
+            ``"tova"``), or an :class:`~tova_vllm.policies.EvictionPolicy` (to set sinks /
+            H2O's recent window).
 
     Returns:
         A :class:`ReferenceOutput`.

@@ -1,9 +1,10 @@
 """The TOVA attention backend for vLLM's CUDA platform (FlashAttention).  EXPERIMENTAL.
 
 Same design as the CPU backend (``cpu_backend.py``): a subclass of vLLM's FlashAttention
-backend that keeps its kernel, runs the step plan's phases (``phased_builder.py``), and
-evicts on the GPU after each phase with ``paged_eviction.PagedEvictor`` (Triton kernels:
-one-pass scoring from the attention kernel's log-sum-exp, fused argmin + move for decode).
+backend that keeps its kernel, runs the shared phase loop (``phase_loop.py``) over the step
+plan (``phased_builder.py``), and evicts on the GPU after each phase with
+``paged_eviction.PagedEvictor`` (Triton kernels: one-pass scoring from the attention
+kernel's log-sum-exp, fused argmin + move for decode).
 
 Host waits: the builder plans from the runner's host copies (seq_lens, block table; see
 ``step_context.host_block_table``) and sends the plan through pinned memory
@@ -17,14 +18,8 @@ vLLM makes, asked for ``return_softmax_lse=True``; the LSE of each evicting row'
 goes to the scoring kernel.  Otherwise vLLM's own ``forward`` runs and the scoring kernel
 computes the softmax itself (a second pass over the keys).
 
-Status: vLLM's CUDA build cannot be installed on the machines this was written on, so
-this module has never run inside vLLM on a GPU.  It runs inside vLLM's engine on CPU in
-``tests/test_cuda_backend_on_cpu.py``: vLLM's FlashAttention code as is, with only its two
-compiled ops (``flash_attn_varlen_func``, ``reshape_and_cache_flash``) replaced by torch
-versions of their contracts, and equals the reference there (torch and interpreted Triton
-eviction kernels).  The Triton kernels ran on an H100 (issue 6).  Unverified: the real
-FlashAttention kernels under this backend, CUDA streams, speed in the engine.  It is
-therefore only enabled with ``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (see ``config_check.py``).
+Enabled only with ``TOVA_VLLM_EXPERIMENTAL_CUDA=1`` (``config_check.py``); what has run
+where (and what has not) is in the README's set-up section.
 """
 
 from __future__ import annotations
@@ -42,10 +37,10 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from .layer_setup import customize_tova_spec, setup_tova_impl
+from .layer_setup import customize_tova_spec
 from .paged_eviction import PagedEvictor, split_flash_kv_cache
-from .phased_builder import TovaPhasedBuilder, TovaPhaseMetadata, TovaStepMetadata
-from .side_state import SlotSideState
+from .phase_loop import TovaImplMixin
+from .phased_builder import TovaPhasedBuilder, TovaPhaseMetadata
 
 
 class TovaFlashAttentionBackend(FlashAttentionBackend):
@@ -70,60 +65,26 @@ class TovaFlashAttentionMetadataBuilder(TovaPhasedBuilder, FlashAttentionMetadat
     supports_update_block_table: bool = False
 
 
-class TovaFlashAttentionImpl(FlashAttentionImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.tova = setup_tova_impl(self, (
+class TovaFlashAttentionImpl(TovaImplMixin, FlashAttentionImpl):
+    def _tova_unsupported(self):
+        return (
             ("ALiBi", self.alibi_slopes is not None),
             ("attention sinks", getattr(self, "sinks", None) is not None),
             ("logit soft-capping", bool(self.logits_soft_cap)),
             ("sliding-window attention", tuple(self.sliding_window) != (-1, -1)),
             ("a quantized KV cache", str(self.kv_cache_dtype).startswith("fp8")),
             ("decode context parallelism", getattr(self, "dcp_world_size", 1) > 1),
-        ))
-        self._evictor: Optional[PagedEvictor] = None
-        self._side: Optional[SlotSideState] = None
+        )
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if not isinstance(attn_metadata, TovaStepMetadata):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
-        key_cache, value_cache = split_flash_kv_cache(kv_cache, self.head_size)
-        evictor = self._evictor_for(kv_cache.device)
-        side = None
-        if attn_metadata.side_state:
-            side = self._side = SlotSideState.sized(
-                self._side, kv_cache.shape[0] * kv_cache.shape[2], kv_cache.device)
-        num_tokens = attn_metadata.num_actual_tokens
-        for i, phase in enumerate(attn_metadata.phases):
-            if phase.token_index is None:
-                q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
-                out = output[:num_tokens]
-            else:
-                idx = phase.token_index
-                q, k, v = query[idx], key[idx], value[idx]
-                out = torch.empty_like(output[: idx.numel()])
-            if i > 0:  # vLLM's own cache update already wrote the first phase
-                self.do_kv_cache_update(layer, k, v, kv_cache, phase.slots)
-            if side is not None:
-                side.write(phase.slots, phase.positions)
-            lse = self._attend(layer, q, k, v, kv_cache, phase, out)
-            if phase.token_index is not None:
-                output[phase.token_index] = out
-            if phase.accumulate is not None:
-                evictor.accumulate(query, key_cache, phase.accumulate, side)
-            if phase.evictions is not None:
-                row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
-                evictor.evict(query, key_cache, value_cache, phase.evictions, row_lse,
-                              phase.eviction_groups, side)
-        return output
+    def _make_evictor(self, layer, kv_cache) -> PagedEvictor:
+        return PagedEvictor(kv_cache.device, self.total_q_heads, self.scale,
+                            self._all_reduce())
 
-    def _evictor_for(self, device: torch.device) -> PagedEvictor:
-        if self._evictor is None:
-            all_reduce = None if self.tp_group is None else self.tp_group.all_reduce
-            self._evictor = PagedEvictor(device, self.total_q_heads, self.scale, all_reduce)
-        return self._evictor
+    def _evictor_cache(self, kv_cache):
+        return split_flash_kv_cache(kv_cache, self.head_size)
+
+    def _write_kv(self, layer, key, value, kv_cache, slots) -> None:
+        self.do_kv_cache_update(layer, key, value, kv_cache, slots)
 
     def _kernel_returns_lse(self, md) -> bool:
         """Whether the phase's attention can be one plain ``flash_attn_varlen_func`` call
@@ -139,10 +100,9 @@ class TovaFlashAttentionImpl(FlashAttentionImpl):
                 out) -> Optional[torch.Tensor]:
         """Attention of one phase into ``out``; the per-token log-sum-exp ``[q_heads,
         tokens]`` when the phase evicts and the kernel can return it, else None."""
-        md = phase.kernel
+        md = phase.attention
         if phase.evictions is None or not self._kernel_returns_lse(md):
-            super().forward(layer, q, k, v, kv_cache, md, out)
-            return None
+            return super()._attend(layer, q, k, v, kv_cache, phase, out)
         # As vLLM's forward: FA3's TMA needs canonical strides on size-1 dims (one KV head).
         key_cache, value_cache = (canonicalize_singleton_dim_strides(c) for c in
                                   split_flash_kv_cache(kv_cache, self.head_size))

@@ -14,7 +14,7 @@ import torch
 
 from ..config import settings_from_additional_config
 from .device_copy import host_to_device
-from .plan import EvictionBatch, QueryBatch, RequestStep, plan_step, query_batch
+from .plan import EvictionBatch, Phase, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
 from .side_state import PolicyGroups, group_rows
 from .step_context import batch_rows, host_block_table
@@ -22,11 +22,11 @@ from .step_context import batch_rows, host_block_table
 
 @dataclass
 class TovaPhaseMetadata:
-    kernel: Any  # the stock builder's metadata for this phase's tokens
+    attention: Any  # the stock builder's attention metadata for this phase's tokens
     token_index: Optional[torch.Tensor]  # batch tokens of the phase; None: all, in order
     slots: torch.Tensor  # cache slot written by each of the phase's tokens
     positions: torch.Tensor  # logical position of each of the phase's tokens
-    evictions: Optional[EvictionBatch]
+    evictions: Optional[EvictionBatch]  # prepared (``EvictionBatch.prepared``) on the device
     #: Eviction rows grouped by policy (``side_state.group_rows``, on the device); None
     #: when every row uses the default TOVA scorer.
     eviction_groups: Optional[PolicyGroups]
@@ -55,12 +55,27 @@ class TovaPhasedBuilder:
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        num_reqs = cm.num_reqs
         if self.tova_spec is None:
             return super().build(common_prefix_len, cm, fast_build)
-        # The plan is made on the host, from host copies: no wait for the device.  The
-        # runner's host seq_lens are exact except for async speculative decoding (TOVA
-        # refuses speculative decoding).
+        planned = self._plan(cm)
+        if planned is None:
+            # Nothing has been or will be evicted this step: cache positions are logical
+            # positions, and vLLM's own metadata and KV write are exactly right.
+            return super().build(common_prefix_len, cm, fast_build)
+        plan, policies, host_table, side_state = planned
+        device = cm.slot_mapping.device
+        self._point_vllm_write(cm, plan[0], device)
+        phases = [self._phase_metadata(common_prefix_len, cm, fast_build, phase, policies,
+                                       host_table, side_state, device) for phase in plan]
+        return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
+                                side_state=side_state)
+
+    def _plan(self, cm):
+        """The step's phases, each row's policy, the host block table and whether side
+        state is kept; None when nothing is or was evicted.  Made on the host, from host
+        copies: no wait for the device (the runner's host seq_lens are exact except for
+        async speculative decoding, which TOVA refuses)."""
+        num_reqs = cm.num_reqs
         host_seq_lens = cm.seq_lens_cpu_upper_bound
         if host_seq_lens is None:  # not filled by this runner: read the device copy
             host_seq_lens = cm.seq_lens.cpu()
@@ -68,80 +83,77 @@ class TovaPhasedBuilder:
         prompt_lens, budgets, policies = batch_rows(num_reqs, self.settings)
         side_state = any(p.needs_positions for p in policies)
         if not side_state and all(n <= c for n, c in zip(seq_lens, budgets)):
-            # Nothing has been or will be evicted this step: cache positions are logical
-            # positions, and vLLM's own metadata and KV write are exactly right.
-            return super().build(common_prefix_len, cm, fast_build)
+            return None
         query_start = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
-        requests = []
-        for row in range(num_reqs):
-            num_new = query_start[row + 1] - query_start[row]
-            requests.append(
-                RequestStep(
-                    num_computed=seq_lens[row] - num_new,
-                    num_new=num_new,
-                    prompt_len=prompt_lens[row],
-                    cache_size=budgets[row],
-                    prompt_chunk=self.tova_spec.prompt_chunk,
-                )
-            )
-        block_table = cm.block_table_tensor[:num_reqs]
-        host_table = host_block_table(block_table)
-        plan = plan_step(requests, host_table, self.block_size)
-        device = cm.slot_mapping.device
+        requests = [
+            RequestStep(num_computed=seq_lens[row] - (query_start[row + 1] - query_start[row]),
+                        num_new=query_start[row + 1] - query_start[row],
+                        prompt_len=prompt_lens[row], cache_size=budgets[row],
+                        prompt_chunk=self.tova_spec.prompt_chunk)
+            for row in range(num_reqs)
+        ]
+        host_table = host_block_table(cm.block_table_tensor[:num_reqs])
+        return plan_step(requests, host_table, self.block_size), policies, host_table, side_state
+
+    @staticmethod
+    def _point_vllm_write(cm, first: Phase, device) -> None:
+        """vLLM's own KV write (before attention, same slot tensor, updated in place) stores
+        the first phase; later phases are written by the phase loop, after their eviction."""
+        vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
+        first_slots = host_to_device(first.slots, device).to(vllm_slots.dtype)
+        if first.token_index is None:
+            vllm_slots.copy_(first_slots)
+        else:
+            vllm_slots.fill_(-1)  # negative slots are skipped by the write op
+            vllm_slots[host_to_device(first.token_index, device)] = first_slots
+
+    def _phase_metadata(self, common_prefix_len, cm, fast_build, phase: Phase, policies,
+                        host_table, side_state: bool, device) -> TovaPhaseMetadata:
+        """The stock attention metadata of one phase, with its eviction inputs on the
+        device (made once per step, read by every layer)."""
 
         def on_device(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else host_to_device(t, device)
 
-        # vLLM's own KV write (before attention, same slot tensor, updated in place) stores
-        # the first phase; later phases are written in forward(), after their eviction.
-        vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
-        first_slots = on_device(plan[0].slots).to(vllm_slots.dtype)
-        if plan[0].token_index is None:
-            vllm_slots.copy_(first_slots)
+        max_seq_len = int(phase.cache_lens.max())
+        slots = on_device(phase.slots)
+        if phase.token_index is None:
+            phase_cm = cm.replace(seq_lens=on_device(phase.cache_lens),
+                                  seq_lens_cpu_upper_bound=phase.cache_lens,
+                                  max_seq_len=max_seq_len, slot_mapping=slots)
         else:
-            vllm_slots.fill_(-1)  # negative slots are skipped by the write op
-            vllm_slots[on_device(plan[0].token_index)] = first_slots
-        phases = []
-        for phase in plan:
-            max_seq_len = int(phase.cache_lens.max())
-            slots = on_device(phase.slots)
-            if phase.token_index is None:
-                phase_cm = cm.replace(seq_lens=on_device(phase.cache_lens),
-                                      seq_lens_cpu_upper_bound=phase.cache_lens,
-                                      max_seq_len=max_seq_len, slot_mapping=slots)
-            else:
-                rows = host_to_device(torch.tensor(phase.rows, dtype=torch.long), device)
-                phase_cm = cm.replace(
-                    query_start_loc=on_device(phase.query_start_loc),
-                    query_start_loc_cpu=phase.query_start_loc,
-                    seq_lens=on_device(phase.cache_lens),
-                    seq_lens_cpu_upper_bound=phase.cache_lens,
-                    num_reqs=len(phase.rows),
-                    num_actual_tokens=int(phase.slots.numel()),
-                    max_query_len=phase.max_query_len,
-                    max_seq_len=max_seq_len,
-                    block_table_tensor=block_table[rows],
-                    slot_mapping=slots,
-                    is_prefilling=None,
-                    positions=None,
-                )
-            kernel = super().build(common_prefix_len, phase_cm, fast_build)
-            ev = phase.evictions
-            ev_groups = None
-            if side_state and ev is not None:
+            rows = host_to_device(torch.tensor(phase.rows, dtype=torch.long), device)
+            phase_cm = cm.replace(
+                query_start_loc=on_device(phase.query_start_loc),
+                query_start_loc_cpu=phase.query_start_loc,
+                seq_lens=on_device(phase.cache_lens),
+                seq_lens_cpu_upper_bound=phase.cache_lens,
+                num_reqs=len(phase.rows),
+                num_actual_tokens=int(phase.slots.numel()),
+                max_query_len=phase.max_query_len,
+                max_seq_len=max_seq_len,
+                block_table_tensor=cm.block_table_tensor[: cm.num_reqs][rows],
+                slot_mapping=slots,
+                is_prefilling=None,
+                positions=None,
+            )
+        attention = super().build(common_prefix_len, phase_cm, fast_build)
+        ev = phase.evictions
+        ev_groups = eviction_queries = None
+        if ev is not None:
+            if side_state:
                 ev_groups = group_rows([policies[r] for r in ev.rows.tolist()], device)
-            accumulating = [j for j, r in enumerate(phase.rows) if policies[r].needs_accumulated]
-            accumulate = (query_batch(phase, accumulating, host_table, self.block_size)
-                          if accumulating else None)
-            eviction_queries = None
-            if ev is not None:  # the eviction rows' last queries among the phase's tokens
-                eviction_queries = (ev.query_index if phase.token_index is None else
-                                    torch.searchsorted(phase.token_index, ev.query_index))
-            phases.append(TovaPhaseMetadata(
-                kernel=kernel, token_index=on_device(phase.token_index), slots=slots,
-                positions=on_device(phase.positions), evictions=ev,
-                eviction_groups=ev_groups, accumulate=accumulate,
-                eviction_queries=on_device(eviction_queries),
-            ))
-        return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
-                                side_state=side_state)
+            # The eviction rows' last queries among the phase's tokens.
+            eviction_queries = on_device(
+                ev.query_index if phase.token_index is None else
+                torch.searchsorted(phase.token_index, ev.query_index))
+        accumulating = [j for j, r in enumerate(phase.rows) if policies[r].needs_accumulated]
+        accumulate = (query_batch(phase, accumulating, host_table, self.block_size).to(device)
+                      if accumulating else None)
+        return TovaPhaseMetadata(
+            attention=attention, token_index=on_device(phase.token_index), slots=slots,
+            positions=on_device(phase.positions),
+            evictions=None if ev is None else ev.prepared(self.block_size, device),
+            eviction_groups=ev_groups, accumulate=accumulate,
+            eviction_queries=eviction_queries,
+        )

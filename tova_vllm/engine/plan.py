@@ -14,12 +14,15 @@ Pure torch and Python: no vLLM import, so it is unit-tested directly.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..policies import EvictionSchedule
+from .device_copy import host_to_device
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,25 @@ class EvictionBatch:
     keep_list: list[int]
     live_list: list[int]
     one_drop_each: bool  # every row drops exactly one token: the batched decode rule
+    #: ``[E, S]`` slot (block * block_size + offset) of each cache position, and ``[E,
+    #: blocks]`` int32 block table up to the live end: filled by :meth:`prepared`.
+    slots: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
 
-    def slot_ids(self, block_size: int) -> torch.Tensor:
-        """``[E, S]`` global cache slot (block * block_size + offset) of each position."""
-        return self.block_ids * block_size + self.block_offsets
+    def prepared(self, block_size: int, device: torch.device) -> "EvictionBatch":
+        """This batch with ``slots`` and ``block_table`` filled and every tensor on
+        ``device``: made once per phase by the builder, read by every layer."""
+        move = functools.partial(host_to_device, device=device)
+        # Positions 0, bs, 2bs, ... of each row give its block table (padding positions map
+        # to position 0's block: valid memory that is never read).
+        return dataclasses.replace(
+            self, rows=move(self.rows), query_index=move(self.query_index),
+            query_position=move(self.query_position), block_ids=move(self.block_ids),
+            block_offsets=move(self.block_offsets), live=move(self.live.to(torch.int32)),
+            keep=move(self.keep),
+            slots=move(self.block_ids * block_size + self.block_offsets),
+            block_table=move(self.block_ids[:, ::block_size].to(torch.int32)),
+        )
 
 
 @dataclass
@@ -77,6 +95,11 @@ class QueryBatch:
     visible: torch.Tensor  # [E, Lmax, S] bool: slot s is attended by query l
     slot_ids: torch.Tensor  # [E, S] global cache slot of cache position s (padding: 0)
     in_use: torch.Tensor  # [E, S] bool: cache position s is live after the phase's writes
+
+    def to(self, device: torch.device) -> "QueryBatch":
+        """Every tensor on ``device`` (once per phase, read by every layer)."""
+        return QueryBatch(*(host_to_device(t, device) for t in (
+            self.query_index, self.visible, self.slot_ids, self.in_use)))
 
 
 def plan_step(

@@ -9,7 +9,8 @@ Two implementations with one API:
 Triton (only ``select_backend`` on CUDA, or an explicit ``backend="triton"``, does), so the
 CPU path never needs it.
 
-API of a :class:`KernelBackend` (see :mod:`.torch_ref` for the full contract):
+API of a :class:`KernelBackend`, what the engine calls (see :mod:`.torch_ref` for the full
+contract; ``decode_drop_slot`` and ``keep_slots`` are module functions of both, for tests):
 
 * ``paged_tova_scores(query_last, key_cache, block_table, live, scale, lse=None, *,
   max_live=None, total_q_heads=None, out=None) -> [rows, S] fp32`` (padding columns +inf);
@@ -40,8 +41,6 @@ __all__ = ["KernelBackend", "select_backend"]
 class KernelBackend:
     name: str  # "torch" or "triton"
     paged_tova_scores: Callable[..., torch.Tensor]
-    decode_drop_slot: Callable[..., torch.Tensor]
-    keep_slots: Callable[..., torch.Tensor]
     compact_paged: Callable[..., None]
     decode_moves: Callable[..., tuple]
     decode_evict: Callable[..., torch.Tensor]
@@ -50,15 +49,15 @@ class KernelBackend:
 def _torch_backend() -> KernelBackend:
     from . import torch_ref as m
 
-    return KernelBackend("torch", m.paged_tova_scores, m.decode_drop_slot, m.keep_slots,
-                         m.compact_paged, m.decode_moves, m.decode_evict)
+    return KernelBackend("torch", m.paged_tova_scores, m.compact_paged, m.decode_moves,
+                         m.decode_evict)
 
 
 def _triton_backend() -> KernelBackend:
     from . import triton_scoring as m
 
-    return KernelBackend("triton", m.paged_tova_scores, m.decode_drop_slot, m.keep_slots,
-                         m.compact_paged, m.decode_moves, m.decode_evict)
+    return KernelBackend("triton", m.paged_tova_scores, m.compact_paged, m.decode_moves,
+                         m.decode_evict)
 
 
 def select_backend(

@@ -127,7 +127,7 @@ def paged_tova_scores(
 def decode_drop_slot(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """Per row, the live slot to drop: lowest score, ties -> highest slot.  ``[rows]`` int64.
 
-    Same rule as :func:`tova_vllm.policies.selection.slot_to_drop`; columns at or past
+    Same rule as :func:`tova_vllm.policies.selection.position_to_drop`; columns at or past
     ``live`` are ignored whatever they hold.  A row with ``live == 0`` gives -1.
     """
     slot_ids = torch.arange(scores.shape[-1], device=scores.device)
@@ -142,7 +142,7 @@ def keep_slots(scores: torch.Tensor, live: torch.Tensor, keep: int) -> torch.Ten
     """Prompt eviction: per row, the ascending slots of the ``keep`` best live positions.
 
     ``[rows, keep]`` int64.  Stable descending sort (ties keep the lower slot), like
-    :func:`tova_vllm.policies.selection.slots_to_keep`.  Padding columns are masked to
+    :func:`tova_vllm.policies.selection.positions_to_keep`.  Padding columns are masked to
     -inf, so rows must have ``live >= keep`` (rows with fewer live positions get padding
     slots at the end of their list).  This is the rare path: both backends use this torch
     code (a sort over ``[rows, S]``), on whatever device the scores are.

@@ -27,7 +27,7 @@ from the shapes and the SM count, so that few long rows still fill the GPU.  The
 kernel then runs as above, so this mode reads K twice (two-pass).
 
 ``_tova_argmin_kernel``: grid ``(rows,)``; the lowest live score per row, ties -> the
-highest slot (``policies.selection.slot_to_drop``).  Top-C for prompt evictions is not a
+highest slot (``policies.selection.position_to_drop``).  Top-C for prompt evictions is not a
 kernel: it is the rare path and uses ``torch.sort`` on the scores
 (:func:`.torch_ref.keep_slots`, stable, ties keep the lower slot), on the GPU.
 
@@ -56,13 +56,8 @@ the process) runs the kernels on CPU tensors; the tests do that on machines with
 Its ``tl.dot`` is wrong for bf16 operands (triton 3.9), so under the interpreter bf16
 tiles are upcast and take the fp32 path; on a GPU bf16 uses the tensor cores.
 
-Measured (``scripts/bench_kernels.py``, one H100 80GB HBM3, torch 2.11 + triton 3.6,
-bf16, 32 query / 8 kv heads, head_dim 128, block 16; CUDA-graph replays): the one-pass
-scoring kernel reads K at about 93% of the device's copy bandwidth for 64 x 2048 and
-128 x 1024 live positions; score + ``decode_evict`` then cost about 0.56x of an SDPA
-decode over the same (pre-gathered) cache, 0.63x at 16 x 4096, and about 1x for 1-4
-short batches (about 12 us, launch-bound).  Eager calls are host-bound: Triton's launch
-path costs tens of microseconds per kernel, so the decode path is meant to be graphed.
+Eager calls are host-bound (Triton's launch path costs tens of microseconds per kernel), so
+the decode path is meant to be graphed.  Measured figures: README, "Benchmarks".
 """
 
 from __future__ import annotations

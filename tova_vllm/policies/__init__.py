@@ -5,16 +5,22 @@ functions, so the policy is tested once and shared.
 """
 
 from .eviction import (
+    ACCUMULATE_QUERY_BLOCK,
     DEFAULT_SINKS,
     POLICY_NAMES,
     EvictionPolicy,
     accumulated_from_logits,
 )
+from .registry import PolicyUnit, policy_table, policy_units
 from .schedule import EvictionSchedule, cdiv, decode_positions, peak_positions
-from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, tova_scores
-from .selection import compaction_moves, prompt_eviction_moves, slot_to_drop, slots_to_keep
+from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, head_mean
+from .selection import compaction_moves, prompt_eviction_moves, position_to_drop, positions_to_keep
 
 __all__ = [
+    "ACCUMULATE_QUERY_BLOCK",
+    "PolicyUnit",
+    "policy_table",
+    "policy_units",
     "DEFAULT_SINKS",
     "POLICY_NAMES",
     "EvictionPolicy",
@@ -26,9 +32,9 @@ __all__ = [
     "compaction_moves",
     "gqa_logits",
     "head_summed_probs",
+    "head_mean",
     "head_summed_probs_from_logits",
     "prompt_eviction_moves",
-    "slot_to_drop",
-    "slots_to_keep",
-    "tova_scores",
+    "position_to_drop",
+    "positions_to_keep",
 ]

@@ -1,25 +1,11 @@
-"""Eviction policies: TOVA and the paper's baselines, as one scoring interface.
+"""The policy a request runs: a registered policy by name, with the settings it reads.
 
-Every policy turns what the mechanism knows about a request's live cache slots into a
-*keep score* per slot (higher is kept); selection (``selection.py``) is shared, so ties
-break the same way for every policy: equal scores rank by cache slot, the highest slot
-is dropped.
-
-* ``tova``: the last query's softmax weights averaged over all query heads (the paper).
-* ``window``: the C most recent tokens (score = logical position).
-* ``sink_window``: the first ``sinks`` tokens of the sequence plus the most recent ones
-  (the paper's "window + i" baseline; StreamingLLM's attention sinks).
-* ``h2o``: Heavy-Hitter Oracle (Zhang et al., 2023): the ``recent`` most recent tokens
-  plus the tokens with the highest *accumulated* attention, i.e. the sum over every query
-  processed so far (prompt queries included) of its softmax weight averaged over all query
-  heads.  Like TOVA here, all heads of a layer keep the same tokens (H2O proper keeps
-  tokens per head; one set per layer is what a paged cache can hold).
-
-What a policy needs beside the cache, per live slot and per layer:
-
-* ``positions`` (every policy but ``tova``): the slot's logical position.  Slots are in
-  compaction order, not position order, so this is side state moved by compaction.
-* ``accumulated`` (``h2o``): fp32 accumulated attention, reset when a slot is written.
+Every policy turns what the mechanism knows about a request's live cache positions into a
+*keep score* per position (higher is kept); selection (``selection.py``) is shared, so ties
+break the same way for every policy: equal scores rank by cache position, the highest one
+is dropped.  The policies themselves are the classes in ``policies/units/`` (see
+``registry.py``); this module holds the choice (name + settings) the engine, the
+reference and the settings pass around, and H2O-style accumulation over many queries.
 """
 
 from __future__ import annotations
@@ -29,12 +15,13 @@ from typing import Optional, Union
 
 import torch
 
-POLICY_NAMES = ("tova", "window", "sink_window", "h2o")
-DEFAULT_SINKS = 4
+from .registry import PolicyUnit, policy_units
 
-# Protected slots (sinks, H2O's recent window) score above anything a real score reaches:
-# attention sums are at most the number of queries, positions are far below 2**40.
-_PROTECTED = float(2**40)
+#: Every policy's name, the default (``tova``) first; scripts and settings list these.
+POLICY_NAMES: tuple[str, ...] = tuple(policy_units())
+DEFAULT_SINKS = 4
+#: H2O scores every query of a prompt chunk; this bounds the fp32 logits one pass holds.
+ACCUMULATE_QUERY_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -56,29 +43,26 @@ class EvictionPolicy:
             raise ValueError(f"recent must be an integer >= 0 or None, got {self.recent!r}")
 
     @property
+    def unit(self) -> type[PolicyUnit]:
+        return policy_units()[self.name]
+
+    @property
     def needs_last_query_probs(self) -> bool:
-        return self.name == "tova"
+        return "last_query_probs" in self.unit.needs
 
     @property
     def needs_positions(self) -> bool:
-        return self.name != "tova"
+        """Whether the mechanism must keep side state (positions, and accumulated
+        attention when :attr:`needs_accumulated`) for this policy."""
+        return bool({"positions", "accumulated"} & self.unit.needs)
 
     @property
     def needs_accumulated(self) -> bool:
-        return self.name == "h2o"
+        return "accumulated" in self.unit.needs
 
     def check_budget(self, cache_size: int) -> None:
         """Raise ValueError when the policy cannot run with this budget."""
-        if self.name == "sink_window" and self.sinks >= cache_size:
-            raise ValueError(
-                f"sink_window keeps {self.sinks} sink tokens, so the cache size must be "
-                f"larger than that, got {cache_size}"
-            )
-        if self.name == "h2o" and self.recent is not None and self.recent >= cache_size:
-            raise ValueError(
-                f"h2o keeps the {self.recent} most recent tokens, so the cache size must be "
-                f"larger than that, got {cache_size}"
-            )
+        self.unit.check_budget(self, cache_size)
 
     def recent_window(self, cache_size: Union[int, torch.Tensor]):
         return cache_size // 2 if self.recent is None else self.recent + 0 * cache_size
@@ -92,33 +76,21 @@ class EvictionPolicy:
         last_query_probs: Optional[torch.Tensor] = None,
         accumulated: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Keep score of each slot, ``[rows, slots]`` (padding slots are ignored later):
-        fp32 for ``tova``, fp64 (exact positions) for the others.
+        """Keep score of each cache position, ``[rows, positions]`` (padding is ignored
+        later): fp32 for ``tova``, fp64 (exact positions) for the others.
 
         ``cache_size``/``query_position``: ``[rows]`` budget and logical position of the
         query at which the eviction happens (the newest token).  ``positions``,
         ``last_query_probs`` (mean over query heads) and ``accumulated`` are ``[rows,
-        slots]`` and needed as the ``needs_*`` properties say.
+        positions]`` and needed as the policy's ``needs`` says.
         """
-        if self.name == "tova":
-            _require(last_query_probs, "last_query_probs")
-            return last_query_probs  # fp32; widening would change no order
-        _require(positions, "positions")
-        pos = positions.double()
-        if self.name == "window":
-            return pos
-        if self.name == "sink_window":
-            return pos + (positions < self.sinks).double() * _PROTECTED
-        _require(accumulated, "accumulated")
-        recent = self.recent_window(cache_size.to(torch.long))
-        newest_unprotected = query_position.to(torch.long) - recent
-        protected = positions > newest_unprotected.unsqueeze(-1)
-        return accumulated.double() + protected.double() * _PROTECTED
-
-
-def _require(value: Optional[torch.Tensor], name: str) -> None:
-    if value is None:
-        raise ValueError(f"this policy needs {name}")
+        inputs = {"positions": positions, "last_query_probs": last_query_probs,
+                  "accumulated": accumulated}
+        for name in sorted(self.unit.needs):
+            if inputs[name] is None:
+                raise ValueError(f"this policy needs {name}")
+        return self.unit.keep_scores(self, cache_size=cache_size,
+                                     query_position=query_position, **inputs)
 
 
 def accumulated_from_logits(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -128,7 +100,7 @@ def accumulated_from_logits(logits: torch.Tensor, visible: torch.Tensor) -> torc
     ``[rows, queries, slots]``, which slots each query attends to (causality, padding;
     an all-False query row contributes nothing).  Returns fp32 ``[rows, slots]``: H2O's
     increment *summed* over heads (divide by the total head count after any tensor-parallel
-    all-reduce, as for :func:`~tova_vllm.policies.tova_scores`).
+    all-reduce, as for :func:`~tova_vllm.policies.head_mean`).
     """
     masked = logits.masked_fill(~visible.unsqueeze(1).unsqueeze(1), float("-inf"))
     probs = torch.softmax(masked, dim=-1).nan_to_num_(0.0)  # all-masked rows: 0, not NaN

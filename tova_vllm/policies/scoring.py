@@ -1,4 +1,5 @@
-"""TOVA's score: the last query's softmax attention, averaged over all query heads."""
+"""Attention weights as eviction scores: the last query's softmax (TOVA's score, averaged
+over all query heads) and the logits behind it."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def head_summed_probs(
     return head_summed_probs_from_logits(gqa_logits(query, keys, scale), live)
 
 
-def tova_scores(head_sum: torch.Tensor, total_q_heads: int) -> torch.Tensor:
-    """Turn head-summed weights (already reduced over all ranks) into the mean."""
+def head_mean(head_sum: torch.Tensor, total_q_heads: int) -> torch.Tensor:
+    """Head-summed weights (already reduced over all ranks) -> the mean over all query
+    heads: TOVA's score (from :func:`head_summed_probs`) or H2O's increment."""
     return head_sum / total_q_heads

@@ -1,12 +1,12 @@
-"""Which cache slots survive, and how survivors are packed to the front of the cache.
+"""Which cache positions survive, and how survivors are packed to the front of the cache.
 
-Tie-break (documented, deterministic, identical in the engine and the reference): slots
-are ranked by score, highest first, and equal scores rank by cache slot, lowest first.
-So among tokens with exactly equal lowest scores the one in the highest cache slot is
-dropped.  Cache slots are in *compaction order*: after each eviction, survivors sitting at
-slots >= budget move, in ascending order, into the holes below the budget in ascending
-order.  The plain-PyTorch reference keeps its tensors in that same slot order, so both
-break ties the same way (and sum attention in the same order).
+Tie-break (documented, deterministic, identical in the engine and the reference): cache
+positions are ranked by score, highest first, and equal scores rank by cache position,
+lowest first.  So among tokens with exactly equal lowest scores the one at the highest
+cache position is dropped.  Cache positions are in *compaction order*: after each eviction,
+survivors sitting at positions >= budget move, in ascending order, into the holes below the
+budget in ascending order.  The plain-PyTorch reference keeps its tensors in that same
+order, so both break ties the same way (and sum attention in the same order).
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch
 
 
-def slots_to_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Ascending slot indices of the ``keep`` best slots of a 1-D score vector."""
+def positions_to_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Ascending cache positions of the ``keep`` best of a 1-D score vector."""
     order = torch.sort(scores, descending=True, stable=True).indices
     return torch.sort(order[:keep]).values
 
 
-def slot_to_drop(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """Batched decode rule: for each row the lowest-scoring live slot (ties: highest slot).
+def position_to_drop(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Batched decode rule: for each row the lowest-scoring live cache position (ties: the
+    highest position).
 
-    ``scores`` is ``[rows, slots]``; slots at or past ``live[row]`` are padding.
+    ``scores`` is ``[rows, positions]``; positions at or past ``live[row]`` are padding.
     """
     slot_ids = torch.arange(scores.shape[-1], device=scores.device)
     valid = slot_ids.unsqueeze(0) < live.unsqueeze(1)
@@ -34,7 +35,8 @@ def slot_to_drop(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 def compaction_moves(kept: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(src, dst)`` slot pairs that pack the ascending ``kept`` slots into ``[0, keep)``."""
+    """``(src, dst)`` cache-position pairs that pack the ascending ``kept`` positions into
+    ``[0, keep)``."""
     sources = kept[kept >= keep]
     is_hole = torch.ones(keep, dtype=torch.bool, device=kept.device)
     is_hole[kept[kept < keep]] = False
@@ -45,10 +47,10 @@ def compaction_moves(kept: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch
 def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.Tensor,
                           max_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched prompt eviction with fixed shapes (no data-dependent sizes, so a device
-    never has to report back): row e keeps the ``keep[e]`` best of its ``live[e]`` slots,
-    ranked as :func:`slots_to_keep` does, and packs them as :func:`compaction_moves` does.
+    never has to report back): row e keeps the ``keep[e]`` best of its ``live[e]`` positions,
+    ranked as :func:`positions_to_keep` does, and packs them as :func:`compaction_moves` does.
 
-    ``scores``: ``[rows, slots]`` (columns at or past ``live`` are padding); ``max_keep``:
+    ``scores``: ``[rows, positions]`` (columns at or past ``live`` are padding); ``max_keep``:
     a host bound ``>= keep.max()``.  Returns ``(src, dst, row)``, each ``[rows * max_keep]``;
     entries with ``row == -1`` are not moves.
     """

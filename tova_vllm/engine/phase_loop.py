@@ -1,0 +1,93 @@
+"""The TOVA attention impl's step, shared by every platform: the phase loop.
+
+A mixin placed before vLLM's own attention impl (as ``phased_builder.TovaPhasedBuilder``
+is before its builder).  For each phase of the step plan it writes the phase's K/V (vLLM's
+own cache update already wrote the first phase), records side state, runs the stock
+attention over the live cache positions, then hands the layer to the platform's
+:class:`~.evictor.Evictor`.  Layers TOVA does not manage, and steps without eviction, go
+through the stock code.
+
+A platform supplies: ``_tova_unsupported()`` (features that refuse a layer),
+``_make_evictor(layer, kv_cache)``, ``_evictor_cache(kv_cache)`` (what its evictor reads),
+``_write_kv(...)`` and, optionally, ``_attend(...)`` returning the per-token log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .evictor import Evictor
+from .layer_setup import setup_tova_impl
+from .phased_builder import TovaPhaseMetadata, TovaStepMetadata
+from .side_state import SlotSideState
+
+
+class TovaImplMixin:
+    """``class Impl(TovaImplMixin, StockImpl)``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        setup_tova_impl(self, self._tova_unsupported())
+        self._evictor: Optional[Evictor] = None
+        #: Per-slot side state of this layer (``side_state.py``), made on first use.
+        self._side: Optional[SlotSideState] = None
+
+    def _tova_unsupported(self) -> Iterable[tuple[str, bool]]:
+        raise NotImplementedError
+
+    def _make_evictor(self, layer, kv_cache: torch.Tensor) -> Evictor:
+        raise NotImplementedError
+
+    def _evictor_cache(self, kv_cache: torch.Tensor):
+        raise NotImplementedError
+
+    def _write_kv(self, layer, key, value, kv_cache, slots) -> None:
+        raise NotImplementedError
+
+    def _attend(self, layer, q, k, v, kv_cache, phase: TovaPhaseMetadata,
+                out) -> Optional[torch.Tensor]:
+        """Attention of one phase into ``out``; the per-token log-sum-exp ``[q_heads,
+        tokens]`` when the platform's kernel gives it, else None."""
+        super().forward(layer, q, k, v, kv_cache, phase.attention, out)
+        return None
+
+    def _all_reduce(self):
+        return None if self.tp_group is None else self.tp_group.all_reduce
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, TovaStepMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if self._evictor is None:
+            self._evictor = self._make_evictor(layer, kv_cache)
+        evictor, cache = self._evictor, self._evictor_cache(kv_cache)
+        side = None
+        if attn_metadata.side_state:
+            side = self._side = SlotSideState.sized(
+                self._side, kv_cache.shape[0] * evictor.block_size(cache), kv_cache.device)
+        num_tokens = attn_metadata.num_actual_tokens
+        for i, phase in enumerate(attn_metadata.phases):
+            if phase.token_index is None:
+                q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+                out = output[:num_tokens]
+            else:
+                idx = phase.token_index
+                q, k, v = query[idx], key[idx], value[idx]
+                out = torch.empty_like(output[: idx.numel()])
+            if i > 0:  # vLLM's own cache update already wrote the first phase
+                self._write_kv(layer, k, v, kv_cache, phase.slots)
+            if side is not None:
+                side.write(phase.slots, phase.positions)
+            lse = self._attend(layer, q, k, v, kv_cache, phase, out)
+            if phase.token_index is not None:
+                output[phase.token_index] = out
+            if phase.accumulate is not None:
+                evictor.accumulate(query, cache, phase.accumulate, side)
+            if phase.evictions is not None:
+                row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
+                evictor.evict(query, cache, phase.evictions, row_lse, phase.eviction_groups,
+                              side)
+        return output

@@ -1,0 +1,2 @@
+"""One module per eviction policy; each defines one ``PolicyUnit`` subclass (registered by
+being defined).  See ``policies/registry.py``."""

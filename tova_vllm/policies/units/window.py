@@ -1,0 +1,14 @@
+"""The paper's window baseline: the most recent tokens."""
+
+from ..registry import PolicyUnit
+
+
+class Window(PolicyUnit):
+    name = "window"
+    needs = frozenset({"positions"})
+    keeps = "the C most recent tokens"
+    side_state = "logical position (int32)"
+
+    @staticmethod
+    def keep_scores(params, *, positions, **_):
+        return positions.double()
