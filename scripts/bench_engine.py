@@ -31,6 +31,8 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, long_after=0):
     from engine_harness import make_llm, run, shutdown
 
+    print(f"[bench] {len(requests)} requests, TOVA settings {tova or 'none (vanilla)'} ...",
+          file=sys.stderr, flush=True)
     llm = make_llm(model_dir, tova, block_size=block_size, num_blocks=blocks,
                    max_model_len=max_model_len, max_num_batched_tokens=2048, max_num_seqs=256)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
