@@ -3,10 +3,12 @@
 Prints, for each engine: output tokens/s, peak KV blocks in use, most requests decoding at
 once, preemptions; then the decode-step cost of eviction at equal live context, and the
 overhead of the plugin when nothing is evicted (C >= every length).  Ratios are against
-vanilla measured in this run.  CPU, in-process engine, tiny random model (see --arch):
-absolute numbers say little, the ratios are the point.
+vanilla measured in this run.  CPU, in-process engine; the model is a tiny random one (see
+--arch) or any HF checkpoint (--model, prompts then cut from real text: CPython's
+LICENSE.txt and the standard library's sources).  The ratios are the point.
 
     python3 scripts/bench_engine.py [--requests 16 --prompt 64 --max-tokens 512 --blocks 64]
+    python3 scripts/bench_engine.py --model ~/.cache/tova-vllm/SmolLM2-135M-Instruct
     python3 scripts/bench_engine.py --policies tova,window,sink_window,h2o   # policy costs
 """
 
@@ -29,6 +31,8 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, long_after=0):
     from engine_harness import make_llm, run, shutdown
 
+    print(f"[bench] {len(requests)} requests, TOVA settings {tova or 'none (vanilla)'} ...",
+          file=sys.stderr, flush=True)
     llm = make_llm(model_dir, tova, block_size=block_size, num_blocks=blocks,
                    max_model_len=max_model_len, max_num_batched_tokens=2048, max_num_seqs=256)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -68,9 +72,32 @@ def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, lon
     return stats
 
 
+def real_text_prompts(lengths, seed: int = 0, *, model: str) -> list[tuple[int, ...]]:
+    """Consecutive, distinct slices of real text (it ships with every Python) in the
+    model's tokens."""
+    import sysconfig
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = [root / "LICENSE.txt"] + sorted(root.glob("*.py"))
+    ids: list[int] = []
+    for path in sources:
+        if len(ids) >= sum(lengths) + seed * 997:
+            break
+        ids += tok.encode(path.read_text(errors="replace"), add_special_tokens=False)
+    start, out = seed * 997, []
+    for n in lengths:
+        out.append(tuple(ids[start:start + n]))
+        start += n
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="llama_gqa")
+    parser.add_argument("--arch", default="llama_gqa", help="tiny random model (no --model)")
+    parser.add_argument("--model", help="any HF checkpoint dir (prompts: real text)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=512)
@@ -87,11 +114,14 @@ def main() -> None:
 
     bs = args.block_size
     max_model_len = min(args.prompt + args.max_tokens, (args.blocks - 1) * bs)
-    requests = [Req(p, args.max_tokens, 0) for p in random_prompts([args.prompt] * args.requests)]
+    prompts = real_text_prompts if args.model else random_prompts
+    requests = [Req(p, args.max_tokens, 0) for p in prompts([args.prompt] * args.requests, **(
+        {"model": args.model} if args.model else {}))]
     # Equal live context: vanilla decodes at context C..C+steps, TOVA holds C throughout.
-    step_requests = [Req(p, 64, 0) for p in random_prompts([args.cache_size] * 8, seed=1)]
+    step_requests = [Req(p, 64, 0) for p in prompts([args.cache_size] * 8, seed=1, **(
+        {"model": args.model} if args.model else {}))]
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_model(args.arch, Path(tmp) / args.arch)
+        model = args.model or build_tiny_model(args.arch, Path(tmp) / args.arch)
         long_after = args.prompt + args.max_tokens // 2
         common = dict(blocks=args.blocks, block_size=bs, max_model_len=max_model_len,
                       long_after=long_after)
@@ -110,7 +140,8 @@ def main() -> None:
         }
 
     print(f"\nworkload: {args.requests} requests x (prompt {args.prompt} + {args.max_tokens} "
-          f"generated), pool {args.blocks - 1} usable blocks of {bs} tokens, arch {args.arch}")
+          f"generated), pool {args.blocks - 1} usable blocks of {bs} tokens, "
+          f"model {args.model or args.arch}")
     print(f"{'engine':<28}{'out tok/s':>10}{'x vanilla':>10}{'peak blocks':>12}"
           f"{'max at >' + str(long_after) + ' tok':>17}{'preemptions':>12}")
     base = rows["vanilla"]["tokens_per_s"]

