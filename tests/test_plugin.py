@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,6 +111,24 @@ def test_patches_are_idempotent_and_documented():
     _patches.apply_patch("config_validates_tova")
     assert VllmConfig.__post_init__ is wrapped
     assert getattr(wrapped.__tova_original__, "__tova_original__", None) is None
+
+
+def test_patches_are_applied_by_stage():
+    """Each patch runs at exactly its stage; a stage no patch names is a typo, refused."""
+    assert {p.stage for p in _patches.PATCHES.values()} <= set(_patches.STAGES)
+    for stage in _patches.STAGES:
+        ran = []
+        saved = dict(_patches.PATCHES)
+        try:
+            for name, patch in saved.items():
+                _patches.PATCHES[name] = dataclasses.replace(patch, apply=ran.append)
+            _patches.apply_patches(stage)
+        finally:
+            _patches.PATCHES.clear()
+            _patches.PATCHES.update(saved)
+        assert ran == [n for n, p in saved.items() if p.stage == stage], stage
+    with pytest.raises(ValueError, match="unknown patch stage"):
+        _patches.apply_patches("tova worker ")
 
 
 def test_vllm_command_starts_on_the_cpu_build():

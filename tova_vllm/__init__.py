@@ -23,7 +23,7 @@ def register() -> None:
         return
     from . import _patches
 
-    _patches.PATCHES["config_validates_tova"].apply()
+    _patches.apply_patches(_patches.ALWAYS)
     try:
         _patches.check_vllm_version()
     except _patches.UnsupportedVllmVersion:
@@ -47,6 +47,5 @@ def register() -> None:
     # Without this, registering first leaves the built-in specs without managers here.
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(TovaSpec, TovaManager, uniform_type_base_spec=FullAttentionSpec)
-    _patches.apply_patch("scheduler_shares_requests")
-    _patches.apply_patch("scheduler_reports_evictions")
+    _patches.apply_patches(_patches.PLUGIN_LOAD)
     _registered = True

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -48,18 +47,29 @@ def check_vllm_version() -> None:
     raise UnsupportedVllmVersion(message + f" (set {VERSION_OVERRIDE_ENV}=1 to try anyway)")
 
 
+# When a patch is applied (``RuntimePatch.stage``).  vLLM loads plugins in every process
+# before any config exists, so a patch that is inert unless TOVA is on waits for the first
+# place that knows TOVA is on: the config check in the user's process, or a worker building
+# a TOVA layer.  ``apply_patches(stage)`` is the only caller of ``RuntimePatch.apply``.
+ALWAYS = "always"  # at plugin load, even on an unsupported vLLM: enabling TOVA must fail loudly
+PLUGIN_LOAD = "plugin load"  # at plugin load in every process, on a supported vLLM
+TOVA_CONFIG = "tova config"  # the process that validates a config enabling TOVA
+TOVA_WORKER = "tova worker"  # a worker process building a TOVA attention layer
+STAGES = (ALWAYS, PLUGIN_LOAD, TOVA_CONFIG, TOVA_WORKER)
+
+
 @dataclass(frozen=True)
 class RuntimePatch:
     name: str
+    stage: str
     why: str
     touches: str
     removal: str
-    apply: Callable[[], None]
+    apply: Callable[[str], None]  # receives the patch's name, which marks what it wrapped
 
 
-def _wrap(owner: type, attr: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-    """Wrap ``owner.attr`` once per calling patch (several patches may wrap one method)."""
-    patch = sys._getframe(1).f_code.co_name  # the _apply_* function: one name per patch
+def _wrap(owner: type, attr: str, make_wrapper: Callable[[Callable], Callable], patch: str) -> None:
+    """Wrap ``owner.attr`` once per patch (several patches may wrap one method)."""
     original = getattr(owner, attr)
     applied = getattr(original, "__tova_patches__", ())
     if patch in applied:
@@ -70,7 +80,7 @@ def _wrap(owner: type, attr: str, make_wrapper: Callable[[Callable], Callable]) 
     setattr(owner, attr, wrapper)
 
 
-def _apply_config_validates_tova() -> None:
+def _apply_config_validates_tova(patch: str) -> None:
     from vllm.config import VllmConfig
 
     from .engine.config_check import adjust_and_validate
@@ -82,10 +92,10 @@ def _apply_config_validates_tova() -> None:
             adjust_and_validate(self, before_post_init=False)
         return __post_init__
 
-    _wrap(VllmConfig, "__post_init__", make)
+    _wrap(VllmConfig, "__post_init__", make, patch)
 
 
-def _apply_scheduler_shares_requests() -> None:
+def _apply_scheduler_shares_requests(patch: str) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from .engine.spec import TovaManager
@@ -98,10 +108,10 @@ def _apply_scheduler_shares_requests() -> None:
                     manager.requests = self.requests
         return __init__
 
-    _wrap(Scheduler, "__init__", make)
+    _wrap(Scheduler, "__init__", make, patch)
 
 
-def _apply_scheduler_reports_evictions() -> None:
+def _apply_scheduler_reports_evictions(patch: str) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from .engine.spec import TovaManager
@@ -152,12 +162,12 @@ def _apply_scheduler_reports_evictions() -> None:
                 weakref.finalize(self, self._tova_stats.close)
         return __init__
 
-    _wrap(Scheduler, "schedule", make)
-    _wrap(Scheduler, "make_stats", make_stats)
-    _wrap(Scheduler, "__init__", make_init)
+    _wrap(Scheduler, "schedule", make, patch)
+    _wrap(Scheduler, "make_stats", make_stats, patch)
+    _wrap(Scheduler, "__init__", make_init, patch)
 
 
-def _apply_runner_publishes_batch() -> None:
+def _apply_runner_publishes_batch(patch: str) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .engine.step_context import publishing_runner
@@ -168,10 +178,10 @@ def _apply_runner_publishes_batch() -> None:
                 return original(self, *args, **kwargs)
         return _build_attention_metadata
 
-    _wrap(GPUModelRunner, "_build_attention_metadata", make)
+    _wrap(GPUModelRunner, "_build_attention_metadata", make, patch)
 
 
-def _apply_input_processor_validates_budget() -> None:
+def _apply_input_processor_validates_budget(patch: str) -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
@@ -192,10 +202,10 @@ def _apply_input_processor_validates_budget() -> None:
             return result
         return _validate_params
 
-    _wrap(InputProcessor, "_validate_params", make)
+    _wrap(InputProcessor, "_validate_params", make, patch)
 
 
-def _apply_runner_keeps_cpu_generators() -> None:
+def _apply_runner_keeps_cpu_generators(patch: str) -> None:
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -229,11 +239,11 @@ def _apply_runner_keeps_cpu_generators() -> None:
                 self.input_batch.generators = generators
         return _bookkeeping_sync
 
-    _wrap(GPUModelRunner, "_sample", make_sample)
-    _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
+    _wrap(GPUModelRunner, "_sample", make_sample, patch)
+    _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping, patch)
 
 
-def _apply_serving_validates_tova_args() -> None:
+def _apply_serving_validates_tova_args(patch: str) -> None:
     from vllm.entrypoints.generate.base.serving import GenerateBaseServing
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.exceptions import VLLMValidationError
@@ -255,7 +265,7 @@ def _apply_serving_validates_tova_args() -> None:
             return await original(self, awaitable, request, raw_request)
         return _with_kv_transfer_rejection_cleanup
 
-    _wrap(GenerateBaseServing, "_with_kv_transfer_rejection_cleanup", make)
+    _wrap(GenerateBaseServing, "_with_kv_transfer_rejection_cleanup", make, patch)
 
 
 async def _sent_xargs(request, raw_request):
@@ -277,6 +287,7 @@ PATCHES: dict[str, RuntimePatch] = {
     for p in (
         RuntimePatch(
             name="config_validates_tova",
+            stage=ALWAYS,
             why="Settings must be validated, and features that assume position == block index "
             "(prefix caching, speculative decoding, KV connectors) turned off or rejected, "
             "once, in the process the user talks to, before any engine process starts. vLLM "
@@ -288,6 +299,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="scheduler_shares_requests",
+            stage=PLUGIN_LOAD,
             why="SingleTypeKVCacheManager methods receive only a request id, but TOVA's block "
             "need depends on the request's prompt length (its eviction points).",
             touches="vllm.v1.core.sched.scheduler.Scheduler.__init__ (wrapped: hands "
@@ -298,6 +310,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="scheduler_reports_evictions",
+            stage=PLUGIN_LOAD,
             why="/metrics lives in the API server process; vLLM's SchedulerStats has no "
             "field a plugin can fill, so the scheduler publishes TOVA's counters through a "
             "shared-memory file that the tova stat-logger plugin reads.",
@@ -310,6 +323,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="runner_publishes_batch",
+            stage=TOVA_WORKER,
             why="Attention metadata builders get lengths and block tables but not each "
             "request's prompt length, which fixes where TOVA evicts, nor the host copy of the "
             "block table TOVA plans from (reading the device one back would make the host "
@@ -322,6 +336,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="input_processor_validates_budget",
+            stage=TOVA_CONFIG,
             why="Per-request settings (extra_args/vllm_xargs tova_cache_size, tova_policy) "
             "must be checked against the server's settings where requests enter, so a bad value "
             "is a 400 for that request instead of an error inside the engine.",
@@ -332,6 +347,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="runner_keeps_cpu_generators",
+            stage=TOVA_WORKER,
             why="A seeded request whose prompt takes several steps is sampled at every step "
             "and its token discarded until the prompt is done; vLLM then rewinds the "
             "request's generator with set_offset, which only CUDA's Philox generators have, "
@@ -348,6 +364,7 @@ PATCHES: dict[str, RuntimePatch] = {
         ),
         RuntimePatch(
             name="serving_validates_tova_args",
+            stage=TOVA_CONFIG,
             why="Over HTTP the per-request TOVA arguments must be refused before a streamed "
             "response starts (afterwards the client gets 200 and an in-stream error, and the "
             "server logs a traceback), and judged on what the client sent: the request "
@@ -364,6 +381,19 @@ PATCHES: dict[str, RuntimePatch] = {
 }
 
 
+def apply_patches(stage: str) -> None:
+    """Apply every patch of ``stage``, in registry order; idempotent."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown patch stage {stage!r}; one of {STAGES}")
+    if stage != ALWAYS:
+        check_vllm_version()
+    for patch in PATCHES.values():
+        if patch.stage == stage:
+            patch.apply(patch.name)
+
+
 def apply_patch(name: str) -> None:
-    check_vllm_version()
-    PATCHES[name].apply()
+    """One patch alone (tests)."""
+    if PATCHES[name].stage != ALWAYS:
+        check_vllm_version()
+    PATCHES[name].apply(name)

@@ -35,12 +35,10 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
     if settings is None:
         return
     if before_post_init:
-        from .._patches import apply_patch, check_vllm_version
+        from .._patches import TOVA_CONFIG, apply_patches
 
-        check_vllm_version()
         # Requests enter in this process: check per-request budgets here.
-        apply_patch("input_processor_validates_budget")
-        apply_patch("serving_validates_tova_args")
+        apply_patches(TOVA_CONFIG)
         _check_model(vllm_config)
         _check_features(vllm_config)
         changed = []

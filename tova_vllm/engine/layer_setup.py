@@ -54,10 +54,9 @@ def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[T
             raise UnsupportedLayerError(f"tova-vllm: TOVA does not support layers with {what}")
     from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-    from .._patches import apply_patch
+    from .._patches import TOVA_WORKER, apply_patches
 
-    apply_patch("runner_publishes_batch")
-    apply_patch("runner_keeps_cpu_generators")
+    apply_patches(TOVA_WORKER)
     impl.tp_size = get_tensor_model_parallel_world_size()
     impl.tp_group = get_tp_group() if impl.tp_size > 1 else None
     impl.total_q_heads = impl.num_heads * impl.tp_size
