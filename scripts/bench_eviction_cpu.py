@@ -44,9 +44,8 @@ def main() -> None:
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from tova_vllm.engine.cpu_evictor import copy_positions, last_query_logits
-    from tova_vllm.engine.cpu_layout import probe_page_layout
-    from tova_vllm.policies import head_summed_probs_from_logits, position_to_drop
+    from tova_vllm.engine.cpu_evictor import CpuEvictor
+    from tova_vllm.engine.plan import EvictionBatch
 
     dtype = getattr(torch, args.dtype)
     E, C, bs, D = args.requests, args.cache_size, args.block_size, args.head_size
@@ -77,20 +76,20 @@ def main() -> None:
             scheduler_metadata=metadata, s_aux=None, k_scale=1.0, v_scale=1.0,
             kv_cache_dtype="auto")
 
-    layout = probe_page_layout(isa, dtype, bs, D)
+    # The engine's own eviction path: the batch the planner makes for steady decode
+    # (every row C + 1 live, one drop each), prepared once, evicted by the CPU evictor.
     positions = torch.arange(live)
-    block_ids = block_table.long()[:, positions // bs]
-    offsets = (positions % bs).expand(E, live)
-    live_t = torch.full((E,), live)
-    keep = torch.full((E,), C)
     rows = torch.arange(E)
+    ev = EvictionBatch(
+        rows=rows, query_index=rows, query_position=torch.full((E,), 10 * live),
+        block_ids=block_table.long()[:, positions // bs], block_offsets=(positions % bs).expand(E, live),
+        live=torch.full((E,), live), keep=torch.full((E,), C), keep_list=[C] * E,
+        live_list=[live] * E, one_drop_each=True,
+    ).prepared(bs, torch.device("cpu"))
+    evictor = CpuEvictor(isa, D, args.q_heads, scale)
 
     def evict():
-        logits = last_query_logits(pages, layout, block_ids, offsets, query, scale)
-        probs = head_summed_probs_from_logits(logits, live_t) / args.q_heads
-        drop = position_to_drop(probs, live_t)
-        copy_positions(pages, layout, block_ids[rows, keep], offsets[rows, keep],
-                       block_ids[rows, drop], offsets[rows, drop])
+        evictor.evict(query, pages, ev)
 
     def timed(fn):
         fn()

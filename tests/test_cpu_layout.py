@@ -1,16 +1,16 @@
 """The probed CPU page layout against vLLM's own cache-write op and attention kernel.
 
 ``probe_page_layout`` learns where ``ops.cpu_attn_reshape_and_cache`` stores each K/V
-element; ``gather`` and ``copy_positions`` then read and move cache positions with plain
+element; ``gather`` and ``copy_slots`` then read and move cache positions with plain
 indexing.  These tests write random K/V through vLLM's op into a multi-block cache (viewed
 exactly as the TOVA backend views it) and check, for every supported dtype and a grid of
 block sizes, head sizes and KV-head counts (the ISA is whatever vLLM picks on this host:
 ``vec``/``vec16`` without AMX, ``amx`` for bf16 on AMX hosts):
 
 * ``gather`` returns exactly what was written, and nothing else was touched;
-* ``copy_positions`` moves exactly the requested positions (K and V, every head);
+* ``copy_slots`` moves exactly the requested positions (K and V, every head);
 * vLLM's attention kernel, reading the cache after the writes *and after a compaction by
-  ``copy_positions``*, agrees with a plain torch attention over the tokens the test
+  ``copy_slots``*, agrees with a plain torch attention over the tokens the test
   expects at those positions: the layout we write in is the layout the kernel reads.
 """
 
@@ -21,7 +21,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from tova_vllm.engine.cpu_evictor import copy_positions, gather
+from tova_vllm.engine.cpu_evictor import copy_slots, gather, slot_elements
 from tova_vllm.engine.cpu_layout import _BASE, _decode_half, probe_page_layout
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -168,7 +168,7 @@ def test_write_op_skips_negative_slots(dtype, block_size, head_size, kv_heads):
 
 
 @pytest.mark.parametrize("dtype,block_size,head_size,kv_heads", GRID, ids=IDS)
-def test_copy_positions_moves_exactly_the_requested_positions(dtype, block_size, head_size,
+def test_copy_slots_moves_exactly_the_requested_positions(dtype, block_size, head_size,
                                                               kv_heads):
     gen = torch.Generator().manual_seed(7 + block_size * 1000 + head_size * 10 + kv_heads)
     isa, layout = _isa_layout(dtype, block_size, head_size)
@@ -184,8 +184,7 @@ def test_copy_positions_moves_exactly_the_requested_positions(dtype, block_size,
     order = torch.randperm(n, generator=gen)
     moves = block_size + 3  # crosses blocks, and within blocks
     src, dst = order[:moves], order[moves: 2 * moves]
-    copy_positions(pages, layout, src // block_size, src % block_size,
-                   dst // block_size, dst % block_size)
+    copy_slots(pages, slot_elements(layout, kv_heads), src, dst)
 
     after_k, after_v = _gather_slots(pages, layout, all_slots)
     expected_k, expected_v = before_k.clone(), before_v.clone()
@@ -229,8 +228,7 @@ def test_vllm_kernel_reads_the_layout_we_write_and_compact(dtype, block_size, he
     keep = live - block_size // 2 - 5
     src = torch.arange(keep, live)
     dst = torch.randperm(keep, generator=gen)[: src.numel()].sort().values
-    copy_positions(pages, layout, block_table[0, src // block_size].long(), src % block_size,
-                   block_table[0, dst // block_size].long(), dst % block_size)
+    copy_slots(pages, slot_elements(layout, kv_heads), slots[src], slots[dst])
     token_at = torch.arange(keep)
     token_at[dst] = src
     got = _kernel_attention(query, key_cache, value_cache, block_table, keep, isa, scale)

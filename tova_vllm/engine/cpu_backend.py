@@ -37,7 +37,7 @@ class TovaCPUBackend(CPUAttentionBackend):
 
 
 class TovaCPUMetadataBuilder(TovaPhasedBuilder, CPUAttentionMetadataBuilder):
-    pass
+    batches_layers = True
 
 
 class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels.torch_ref import decode_moves
-from ..policies import gqa_logits, head_summed_probs_from_logits
+from ..policies import gqa_logits, head_summed_probs_from_logits, position_to_drop
 from .cpu_layout import HalfPageLayout, PageLayout, probe_page_layout
 from .evictor import AllReduce, Evictor
 from .plan import EvictionBatch, QueryBatch
@@ -26,6 +26,8 @@ class CpuEvictor(Evictor):
         super().__init__(total_q_heads, scale, all_reduce)
         self.isa = isa
         self.head_size = head_size
+        #: The layout's ``slot_elements``, made on first use.
+        self._elements_of: Optional[tuple[PageLayout, torch.Tensor]] = None
 
     def block_size(self, pages: torch.Tensor) -> int:
         return pages.shape[2] // 2
@@ -34,14 +36,41 @@ class CpuEvictor(Evictor):
         return probe_page_layout(self.isa, pages.dtype, self.block_size(pages), self.head_size)
 
     def tova_scores(self, query, pages, ev: EvictionBatch, lse, select):
-        block_ids, block_offsets, qidx, live = (ev.block_ids, ev.block_offsets,
-                                                ev.query_index, ev.live)
+        block_ids, block_offsets, qidx = ev.block_ids, ev.block_offsets, ev.query_index
+        table, padding = ev.block_table, ev.padding
         if select is not None:
             block_ids, block_offsets = block_ids[select], block_offsets[select]
-            qidx, live = qidx[select], live[select]
+            qidx, table, padding = qidx[select], table[select], padding[select]
         logits = last_query_logits(pages, self.layout(pages), block_ids, block_offsets,
-                                   query[qidx], self.scale)
-        return self.head_mean(head_summed_probs_from_logits(logits, live))
+                                   query[qidx], self.scale, table)
+        return self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
+
+    def evict_layers(self, queries, kv_caches, ev: EvictionBatch) -> None:
+        pages = kv_caches[0]
+        layout = self.layout(pages)
+        if layout.key_kind == "other":
+            return super().evict_layers(queries, kv_caches, ev)
+        num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
+        table = ev.block_table.reshape(-1)
+        blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
+                          + (pages.shape[2] // 2, pages.shape[3]), pages.dtype)
+        for layer, layer_pages in enumerate(kv_caches):
+            copy_key_blocks(layer_pages, table, blocks[layer])
+        # Layer l's row e is row l * E + e of one batch of L * E rows.
+        logits = logits_from_key_blocks(blocks.view(-1, *blocks.shape[2:]), layout,
+                                        torch.cat(queries), self.scale, width)
+        padding = ev.padding.repeat(num_layers, 1)
+        scores = self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
+        drop = position_to_drop(scores, ev.live.repeat(num_layers), padding).view(num_layers, rows)
+        # Decode rule: the last live position moves into the dropped one.
+        row_ids = torch.arange(rows)
+        src = ev.slots[row_ids, ev.live.long() - 1]
+        dst = ev.slots[row_ids.expand(num_layers, rows), drop]
+        elements = self._elements(pages)
+        src_index, dst_index = slot_index(elements, src, pages), slot_index(elements, dst, pages)
+        for layer, layer_pages in enumerate(kv_caches):
+            flat = layer_pages.view(-1)
+            flat[dst_index[layer]] = flat[src_index]
 
     def query_logits(self, pages, batch: QueryBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         layout, block_size = self.layout(pages), self.block_size(pages)
@@ -54,10 +83,44 @@ class CpuEvictor(Evictor):
 
     def compact(self, pages, ev: EvictionBatch, src, dst, row) -> None:
         moving = row >= 0  # the host is the device here: no wait to avoid
-        row, src, dst = row[moving], src[moving], dst[moving]
-        copy_positions(pages, self.layout(pages), ev.block_ids[row, src],
-                       ev.block_offsets[row, src], ev.block_ids[row, dst],
-                       ev.block_offsets[row, dst])
+        if not bool(moving.all()):
+            row, src, dst = row[moving], src[moving], dst[moving]
+        copy_slots(pages, self._elements(pages), ev.slots[row, src], ev.slots[row, dst])
+
+    def _elements(self, pages: torch.Tensor) -> torch.Tensor:
+        layout = self.layout(pages)
+        if self._elements_of is None or self._elements_of[0] is not layout:
+            self._elements_of = (layout, slot_elements(layout, pages.shape[1]))
+        return self._elements_of[1]
+
+
+def slot_elements(layout: PageLayout, kv_heads: int) -> torch.Tensor:
+    """``[block_size, 2 * kv_heads * D]``: where K and V of in-block offset o, every head
+    and dim, sit in a block's pages flattened (``[kv_heads, 2 * bs, D]``), so that moving a
+    cache position is one gather and one scatter over the flat cache, whatever the ISA's
+    layout."""
+    rows_per_page, head_size = 2 * layout.key.rows.shape[0], layout.key.rows.shape[1]
+    page = torch.arange(kv_heads).view(1, -1, 1) * (rows_per_page * head_size)
+    halves = [(half.rows * head_size + half.cols).unsqueeze(1) + page  # [bs, H, D]
+              for half in (layout.key, layout.value)]
+    return torch.cat(halves, dim=1).flatten(1)
+
+
+def slot_index(elements: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor
+               ) -> torch.Tensor:
+    """Flat indices into ``pages`` of K and V, every head and dim, of each slot
+    (``block * bs + offset``): ``slots.shape + [2 * kv_heads * D]``."""
+    block_size = elements.shape[0]
+    return (slots // block_size * pages[0].numel()).unsqueeze(-1) + elements[slots % block_size]
+
+
+def copy_slots(pages: torch.Tensor, elements: torch.Tensor, src_slots: torch.Tensor,
+               dst_slots: torch.Tensor) -> None:
+    """Copy K and V, all heads, of each source slot onto its destination slot (1-D).
+    Sources and destinations must be disjoint sets (or equal pairs): all reads happen
+    before any write."""
+    flat = pages.view(-1)
+    flat[slot_index(elements, dst_slots, pages)] = flat[slot_index(elements, src_slots, pages)]
 
 
 def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
@@ -73,25 +136,9 @@ def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
     return pages[block_ids[:, None, :, None], heads, rows, cols]
 
 
-def copy_positions(pages: torch.Tensor, layout: PageLayout, src_block: torch.Tensor,
-                   src_offset: torch.Tensor, dst_block: torch.Tensor,
-                   dst_offset: torch.Tensor) -> None:
-    """Copy K and V, all heads, of each source position onto its destination (1-D args).
-
-    Sources and destinations must be disjoint sets (or equal pairs): all reads happen
-    before any write.
-    """
-    heads = torch.arange(pages.shape[1]).view(1, -1, 1)
-    src_block, dst_block = src_block.view(-1, 1, 1), dst_block.view(-1, 1, 1)
-    for half in (layout.key, layout.value):
-        dst = (dst_block, heads, half.rows[dst_offset].unsqueeze(1), half.cols[dst_offset].unsqueeze(1))
-        src = (src_block, heads, half.rows[src_offset].unsqueeze(1), half.cols[src_offset].unsqueeze(1))
-        pages[dst] = pages[src]
-
-
 def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.Tensor,
-                      block_offsets: torch.Tensor, query: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      block_offsets: torch.Tensor, query: torch.Tensor, scale: float,
+                      block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 ``q.k * scale`` for each row's cache positions: ``[E, kv_heads, group, S]``.
 
     ``block_ids``/``block_offsets``: ``[E, S]`` per cache position, positions laid out
@@ -99,22 +146,41 @@ def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.
     blocks are copied once and multiplied in place (a matmul against K or K^T); only an
     unusual layout pays for an element-wise gather.
     """
-    kind = layout.key_kind
-    if kind == "other":
+    if layout.key_kind == "other":
         return gqa_logits(query, gather(pages, layout.key, block_ids, block_offsets), scale)
     rows, width = block_ids.shape
-    num_blocks, kv_heads, double_bs, head_size = pages.shape
-    block_size = double_bs // 2
+    block_size = pages.shape[2] // 2
     per_row = -(-width // block_size)
-    first = block_ids[:, ::block_size][:, :per_row].reshape(-1)
-    # Copy the K halves of the rows' blocks into a reused buffer: allocating a fresh
-    # K-sized tensor per layer costs more (first-touch page faults) than the copy itself.
-    raw = _scratch("blocks", (first.numel(), kv_heads, block_size, head_size), pages.dtype)
-    torch.index_select(pages[:, :, :block_size, :], 0, first, out=raw)
+    # Each row's blocks (``block_table``, when the caller has it: ``EvictionBatch``).
+    table = block_ids[:, ::block_size] if block_table is None else block_table
+    blocks = _scratch("blocks", (1, rows * per_row) + pages.shape[1:2] + (block_size, pages.shape[3]),
+                      pages.dtype)
+    copy_key_blocks(pages, table[:, :per_row].reshape(-1), blocks[0])
+    return logits_from_key_blocks(blocks.view(rows * per_row, *blocks.shape[2:]), layout,
+                                  query, scale, width)
+
+
+def copy_key_blocks(pages: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """The K halves of ``blocks`` (1-D) into ``out`` ``[len(blocks), kv_heads, bs, D]``.
+
+    Into a reused buffer: allocating a fresh K-sized tensor per layer costs more
+    (first-touch page faults) than the copy itself."""
+    torch.index_select(pages[:, :, : pages.shape[2] // 2, :], 0, blocks, out=out)
+
+
+def logits_from_key_blocks(blocks: torch.Tensor, layout: PageLayout, query: torch.Tensor,
+                           scale: float, width: int) -> torch.Tensor:
+    """fp32 logits ``[E, kv_heads, group, width]`` of one query per row (``query`` ``[E,
+    q_heads, D]``) over the row's copied K blocks (``[E * n, kv_heads, bs, D]`` raw pages
+    of a ``"rows"`` or ``"transposed"`` layout, n blocks per row, in cache order)."""
+    rows = query.shape[0]
+    num, kv_heads, block_size, head_size = blocks.shape
+    per_row = num // rows
+    raw = blocks
     if raw.dtype != torch.float32:
         raw = _scratch("blocks_fp32", raw.shape, torch.float32).copy_(raw)
     q = query.float().view(rows, 1, kv_heads, -1, head_size)  # [E, 1, H, g, D]
-    if kind == "transposed":
+    if layout.key_kind == "transposed":
         k_t = raw.view(rows, per_row, kv_heads, head_size, block_size)
     else:
         k_t = raw.view(rows, per_row, kv_heads, block_size, head_size).transpose(-1, -2)

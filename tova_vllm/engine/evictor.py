@@ -12,6 +12,7 @@ No vLLM import.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -98,12 +99,24 @@ class Evictor:
             scores = policy_keep_scores(groups, ev.slots, ev.keep, ev.query_position, side,
                                         tova)
         if ev.one_drop_each:
-            src, dst, row = self.decode_moves(position_to_drop(scores, ev.live.long()), ev.live)
+            drop = position_to_drop(scores, ev.live, ev.padding)
+            src, dst, row = self.decode_moves(drop, ev.live)
         else:
             src, dst, row = prompt_eviction_moves(scores, ev.live, ev.keep, max(ev.keep_list))
         if groups is not None and side is not None:
             side.move_rows(ev.slots, src, dst, row)
         self.compact(kv_cache, ev, src, dst, row)
+
+    def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch
+                     ) -> None:
+        """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
+        ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
+        whose cache is ``kv_caches[l]``; every row uses TOVA's score and drops one token.
+        Platforms override this to batch the layers; this fallback evicts one by one."""
+        rows = torch.arange(queries[0].shape[0], device=queries[0].device)
+        layer_ev = dataclasses.replace(ev, query_index=rows)
+        for query, kv_cache in zip(queries, kv_caches):
+            self.evict(query, kv_cache, layer_ev)
 
     def accumulate(self, query: torch.Tensor, kv_cache, batch: QueryBatch,
                    side: SlotSideState) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import os
+
 import torch
 
 from ..config import settings_from_additional_config
 from .device_copy import host_to_device
+from .layer_batch import LayerBatch
 from .plan import EvictionBatch, Phase, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
 from .side_state import PolicyGroups, group_rows
@@ -43,20 +46,33 @@ class TovaStepMetadata:
     num_actual_tokens: int
     #: Some row's policy reads per-slot side state, so every write must record it.
     side_state: bool
+    #: Steady decode with TOVA scores only: every layer defers its eviction to this batch
+    #: (``layer_batch.py``); None: each layer evicts right after its attention.
+    layer_batch: Optional[LayerBatch] = None
 
 
 class TovaPhasedBuilder:
     """Mixin: ``class Builder(TovaPhasedBuilder, StockBuilder)``."""
 
+    #: The platform's evictor can evict all layers at once (``Evictor.evict_layers``).
+    batches_layers: bool = False
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.tova_spec = kv_cache_spec if isinstance(kv_cache_spec, TovaSpec) else None
         self.settings = settings_from_additional_config(vllm_config.additional_config)
+        self.num_layers = len(layer_names)
+        self.batch_layers = (self.batches_layers
+                             and os.environ.get("TOVA_VLLM_LAYER_BATCH", "1") != "0")
+        self._last_layer_batch: Optional[LayerBatch] = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         if self.tova_spec is None:
             return super().build(common_prefix_len, cm, fast_build)
+        if self._last_layer_batch is not None:
+            self._last_layer_batch.check_finished()
+            self._last_layer_batch = None
         planned = self._plan(cm)
         if planned is None:
             # Nothing has been or will be evicted this step: cache positions are logical
@@ -67,8 +83,14 @@ class TovaPhasedBuilder:
         self._point_vllm_write(cm, plan[0], device)
         phases = [self._phase_metadata(common_prefix_len, cm, fast_build, phase, policies,
                                        host_table, side_state, device) for phase in plan]
+        layer_batch = None
+        last = phases[-1]
+        if (self.batch_layers and len(phases) == 1 and last.evictions is not None
+                and last.evictions.one_drop_each and last.eviction_groups is None
+                and last.accumulate is None and not side_state):
+            layer_batch = self._last_layer_batch = LayerBatch(last.evictions, self.num_layers)
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
-                                side_state=side_state)
+                                side_state=side_state, layer_batch=layer_batch)
 
     def _plan(self, cm):
         """The step's phases, each row's policy, the host block table and whether side

@@ -53,15 +53,19 @@ class EvictionBatch:
     keep_list: list[int]
     live_list: list[int]
     one_drop_each: bool  # every row drops exactly one token: the batched decode rule
-    #: ``[E, S]`` slot (block * block_size + offset) of each cache position, and ``[E,
-    #: blocks]`` int32 block table up to the live end: filled by :meth:`prepared`.
+    #: ``[E, S]`` slot (block * block_size + offset) of each cache position, ``[E,
+    #: blocks]`` int32 block table up to the live end, and ``[E, S]`` bool mask of the
+    #: padding positions (at or past ``live``): filled by :meth:`prepared`.
     slots: Optional[torch.Tensor] = None
     block_table: Optional[torch.Tensor] = None
+    padding: Optional[torch.Tensor] = None
 
     def prepared(self, block_size: int, device: torch.device) -> "EvictionBatch":
         """This batch with ``slots`` and ``block_table`` filled and every tensor on
         ``device``: made once per phase by the builder, read by every layer."""
         move = functools.partial(host_to_device, device=device)
+        width = self.block_ids.shape[1]
+        padding = torch.arange(width).unsqueeze(0) >= self.live.unsqueeze(1)
         # Positions 0, bs, 2bs, ... of each row give its block table (padding positions map
         # to position 0's block: valid memory that is never read).
         return dataclasses.replace(
@@ -71,6 +75,7 @@ class EvictionBatch:
             keep=move(self.keep),
             slots=move(self.block_ids * block_size + self.block_offsets),
             block_table=move(self.block_ids[:, ::block_size].to(torch.int32)),
+            padding=move(padding),
         )
 
 

@@ -19,18 +19,21 @@ def gqa_logits(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.T
     return torch.einsum("rkgd,rksd->rkgs", q, keys.float()) * scale
 
 
-def head_summed_probs_from_logits(logits: torch.Tensor, live: torch.Tensor | None = None
-                                  ) -> torch.Tensor:
+def head_summed_probs_from_logits(logits: torch.Tensor, live: torch.Tensor | None = None,
+                                  padding: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over each row's first ``live`` slots (the rest is padding and gets weight
     0), summed over all query heads: ``[rows, kv_heads, group, slots]`` -> ``[rows, slots]``.
+    ``padding``: the ``[rows, slots]`` mask of the slots at or past ``live``, when the
+    caller already has it.
 
     The sum, not the mean, is returned so that tensor-parallel ranks, each holding some of
     the heads, can all-reduce it before dividing by the total head count.
     """
-    if live is not None:
+    if padding is None and live is not None:
         slot_ids = torch.arange(logits.shape[-1], device=logits.device)
-        pad = slot_ids.view(1, 1, 1, -1) >= live.view(-1, 1, 1, 1)
-        logits = logits.masked_fill(pad, float("-inf"))
+        padding = slot_ids.view(1, -1) >= live.view(-1, 1)
+    if padding is not None:
+        logits = logits.masked_fill(padding[:, None, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
 
 

@@ -20,18 +20,21 @@ def positions_to_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(order[:keep]).values
 
 
-def position_to_drop(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def position_to_drop(scores: torch.Tensor, live: torch.Tensor,
+                     padding: torch.Tensor | None = None) -> torch.Tensor:
     """Batched decode rule: for each row the lowest-scoring live cache position (ties: the
-    highest position).
+    highest position); -1 for a row with nothing live.
 
-    ``scores`` is ``[rows, positions]``; positions at or past ``live[row]`` are padding.
+    ``scores`` is ``[rows, positions]``; positions at or past ``live[row]`` are padding
+    (``padding``: that mask, when the caller already has it).
     """
-    slot_ids = torch.arange(scores.shape[-1], device=scores.device)
-    valid = slot_ids.unsqueeze(0) < live.unsqueeze(1)
-    masked = scores.masked_fill(~valid, float("inf"))
-    lowest = masked.min(dim=-1, keepdim=True).values
-    is_lowest = (masked == lowest) & valid
-    return torch.where(is_lowest, slot_ids, -1).max(dim=-1).values
+    width = scores.shape[-1]
+    if padding is None:
+        padding = torch.arange(width, device=scores.device).unsqueeze(0) >= live.unsqueeze(1)
+    # argmin returns the first of equal minima: searching the columns in reverse makes it
+    # the highest position, in two operations instead of a min, a compare and a max.
+    last_lowest = scores.masked_fill(padding, float("inf")).flip(-1).argmin(dim=-1)
+    return ((width - 1) - last_lowest).masked_fill(live <= 0, -1)
 
 
 def compaction_moves(kept: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,147 @@
+"""Steady decode's eviction batched over layers (``layer_batch.py``) against evicting layer
+by layer, and in the engine against the reference.
+
+* ``CpuEvictor.evict_layers`` leaves every layer's cache exactly as ``CpuEvictor.evict``
+  run on each layer alone does (same token dropped, same move), over a grid of dtypes,
+  block sizes, head shapes (both CPU ISAs), budgets that differ per row, and layer counts;
+* ``LayerBatch`` runs the eviction when its last layer arrives, refuses a layer after
+  that, and a step that never saw all its layers fails when the next step is built;
+* in the engine, steady decode goes through the batch (counted) and the tokens equal the
+  plain-PyTorch reference, with the batch on and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from tova_vllm.engine.cpu_evictor import CpuEvictor
+from tova_vllm.engine.layer_batch import LayerBatch
+from tova_vllm.engine.plan import EvictionBatch
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+GRID = [
+    (dtype, block_size, head_size, q_heads, kv_heads)
+    for dtype in (torch.float32, torch.bfloat16)
+    for block_size in (16, 32)
+    for head_size, q_heads, kv_heads in ((64, 9, 3), (32, 4, 4), (80, 4, 2))
+]
+IDS = [f"{str(d).split('.')[-1]}-bs{b}-D{h}-{q}q{k}kv" for d, b, h, q, k in GRID]
+
+
+def _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype, isa, gen):
+    """Caches filled through vLLM's own write op (so in the ISA's real layout)."""
+    caches = []
+    for _ in range(num_layers):
+        pages = torch.zeros(num_blocks, kv_heads, 2 * block_size, head_size, dtype=dtype)
+        key_cache, value_cache = pages.chunk(2, dim=2)
+        n = num_blocks * block_size
+        ops.cpu_attn_reshape_and_cache(
+            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
+            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
+            key_cache, value_cache, torch.arange(n), isa, k_scale=1.0, v_scale=1.0,
+            kv_cache_dtype="auto")
+        caches.append(pages)
+    return caches
+
+
+def _decode_batch(budgets, block_size, num_blocks, gen) -> EvictionBatch:
+    """Steady decode: row e holds budgets[e] + 1 live positions on a shuffled block table."""
+    rows = len(budgets)
+    live = [c + 1 for c in budgets]
+    width = max(live)
+    per_row = -(-width // block_size)
+    table = torch.randperm(num_blocks, generator=gen)[: rows * per_row].view(rows, per_row)
+    positions = torch.arange(width)
+    padded = torch.where(positions < torch.tensor(live).unsqueeze(1), positions, 0)
+    return EvictionBatch(
+        rows=torch.arange(rows), query_index=torch.arange(rows),
+        query_position=torch.tensor(budgets) + 100,
+        block_ids=table.gather(1, padded // block_size), block_offsets=padded % block_size,
+        live=torch.tensor(live), keep=torch.tensor(budgets), keep_list=list(budgets),
+        live_list=live, one_drop_each=True,
+    ).prepared(block_size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads", GRID, ids=IDS)
+def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_heads, kv_heads,
+                                            num_layers):
+    gen = torch.Generator().manual_seed(block_size * 100 + head_size + num_layers)
+    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
+    budgets = [7, 40, 2 * block_size, 1, 40]  # rows of different widths: padding in play
+    num_blocks = len(budgets) * (-(-(max(budgets) + 1) // block_size)) + 3
+    ev = _decode_batch(budgets, block_size, num_blocks, gen)
+    caches = _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype,
+                           isa, gen)
+    # Peaked queries: the dropped token is clear of near-ties.
+    queries = [(3 * torch.randn(len(budgets), q_heads, head_size, generator=gen)).to(dtype)
+               for _ in range(num_layers)]
+    evictor = CpuEvictor(isa, head_size, q_heads, head_size ** -0.5)
+
+    original = [c.clone() for c in caches]
+    expected = [c.clone() for c in caches]
+    for query, pages in zip(queries, expected):
+        evictor.evict(query, pages, ev)
+    evictor.evict_layers(queries, caches, ev)
+    for layer, (got, want, before) in enumerate(zip(caches, expected, original)):
+        assert torch.equal(got, want), f"layer {layer}"
+        assert not torch.equal(got, before), f"layer {layer}: nothing moved"
+
+
+class _CountingEvictor:
+    def __init__(self):
+        self.calls = []
+
+    def evict_layers(self, queries, caches, ev):
+        self.calls.append((list(queries), list(caches)))
+
+
+def test_layer_batch_runs_once_when_the_last_layer_arrives():
+    evictor = _CountingEvictor()
+    batch = LayerBatch(evictions=None, num_layers=3)
+    for layer in range(3):
+        assert not evictor.calls
+        batch.add(evictor, f"cache{layer}", torch.full((2, 1), layer))
+    assert len(evictor.calls) == 1 and evictor.calls[0][1] == ["cache0", "cache1", "cache2"]
+    batch.check_finished()
+    with pytest.raises(RuntimeError, match="after its step's eviction"):
+        batch.add(evictor, "late", torch.zeros(2, 1))
+
+
+def test_layer_batch_that_missed_a_layer_fails_loudly():
+    batch = LayerBatch(evictions=None, num_layers=2)
+    batch.add(_CountingEvictor(), "cache0", torch.zeros(1))
+    with pytest.raises(RuntimeError, match="1 of 2 layers"):
+        batch.check_finished()
+
+
+@pytest.mark.parametrize("layer_batch", ["1", "0"])
+def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_models,
+                                                                monkeypatch, layer_batch):
+    from engine_harness import Req, make_llm, random_prompts, run, shutdown
+
+    from tova_vllm.reference import generate
+
+    monkeypatch.setenv("TOVA_VLLM_LAYER_BATCH", layer_batch)
+    calls = []
+    original = CpuEvictor.evict_layers
+    monkeypatch.setattr(CpuEvictor, "evict_layers",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    prompts = random_prompts([5, 30, 90, 17], seed=3)
+    requests = [Req(p, 40, 0) for p in prompts]
+    # Per-request budgets: rows of different widths in one batch.
+    requests[1] = Req(prompts[1], 40, 0, {"tova_cache_size": 24})
+    llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
+    try:
+        result = run(llm, requests)
+    finally:
+        shutdown(llm)
+    for i, (prompt, budget) in enumerate(zip(prompts, (32, 24, 32, 32))):
+        want = generate(hf_models["llama_gqa"], list(prompt), cache_size=budget,
+                        max_new_tokens=40).token_ids
+        assert result.tokens[i] == want, i
+    assert (len(calls) > 0) == (layer_batch == "1")

@@ -1,0 +1,53 @@
+"""Steady decode's eviction, done once per step for every layer at once.
+
+In a step with one phase whose eviction rows all use TOVA's own score and drop one token
+each (steady decode: the common case), nothing reads a layer's cache between its
+attention and the next step's cache write.  So each layer's eviction may wait until the
+last layer has attended, and all layers can then be scored, selected and compacted
+together: a handful of tensor operations per step instead of the same dozen per layer,
+which is what a decode step with eviction costs on top of a vanilla one when layers are
+small (per-operation overhead, not bandwidth, dominates there).
+
+The builder makes one :class:`LayerBatch` per such step (``TovaStepMetadata.layer_batch``);
+every layer of the attention group adds its evictor, cache and eviction rows' queries to
+it from the phase loop; the last one to arrive runs the eviction of all.  A step whose
+batch did not see every layer is an error (``check_finished``), never a silent skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .plan import EvictionBatch
+
+
+@dataclass
+class LayerBatch:
+    evictions: EvictionBatch  # prepared; the same rows evict in every layer
+    num_layers: int  # layers of the attention group: the last one runs the batch
+    caches: list[Any] = field(default_factory=list)  # each layer's cache, as its evictor reads it
+    queries: list[torch.Tensor] = field(default_factory=list)  # [E, q_heads, D] per layer
+    evictor: Any = None  # the first layer's evictor: all layers share its shapes and group
+    done: bool = False
+
+    def add(self, evictor, cache, queries: torch.Tensor) -> None:
+        if self.done:
+            raise RuntimeError("tova-vllm: a layer attended after its step's eviction ran")
+        self.evictor = self.evictor or evictor
+        self.caches.append(cache)
+        self.queries.append(queries)
+        if len(self.caches) == self.num_layers:
+            self.evictor.evict_layers(self.queries, self.caches, self.evictions)
+            self.done = True
+            self.caches, self.queries = [], []
+
+    def check_finished(self) -> None:
+        """Called when the next step is built: every layer of this one must have evicted."""
+        if not self.done:
+            raise RuntimeError(
+                f"tova-vllm: {len(self.caches)} of {self.num_layers} layers of the attention "
+                "group attended in the last step, so its batched eviction never ran; "
+                "set TOVA_VLLM_LAYER_BATCH=0 to evict layer by layer and report this")
