@@ -126,6 +126,10 @@ def main() -> None:
         common = dict(blocks=args.blocks, block_size=bs, max_model_len=max_model_len,
                       long_after=long_after)
         rows = {"vanilla": measure(model, None, requests, **common)}
+        # The ceiling: vanilla with a pool that holds every request at full length.
+        per_request = -(-(args.prompt + args.max_tokens) // bs)
+        rows["vanilla, pool for all"] = measure(
+            model, None, requests, **dict(common, blocks=args.requests * per_request + 1))
         for policy in policies:
             rows[f"{policy} C={args.cache_size}"] = measure(
                 model, {"cache_size": args.cache_size, "policy": policy}, requests, **common)

@@ -6,6 +6,8 @@ the settings calls :func:`settings_from_additional_config` on the config it was 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -60,7 +62,7 @@ class TovaSettings:
 
     def eviction_policy(self, name: Optional[str] = None) -> EvictionPolicy:
         """The server's policy, or the named one with the server's sinks/recent settings."""
-        return EvictionPolicy(name or self.policy, sinks=self.sinks, recent=self.recent)
+        return _eviction_policy(name or self.policy, self.sinks, self.recent)
 
     @classmethod
     def parse(cls, raw: Any) -> "TovaSettings":
@@ -185,9 +187,17 @@ def _sent(value: Any) -> str:
     return repr(value)
 
 
+@functools.lru_cache(maxsize=64)
+def _eviction_policy(name: str, sinks: int, recent: Optional[int]) -> EvictionPolicy:
+    # The worker resolves every request of every step: build each policy object once.
+    return EvictionPolicy(name, sinks=sinks, recent=recent)
+
+
 def resolve_request(extra_args: Optional[Mapping[str, Any]], settings: TovaSettings
                     ) -> tuple[int, EvictionPolicy]:
     """A request's budget and policy; raises :class:`TovaRequestError` naming the argument."""
+    if not extra_args:  # the common case, resolved by the worker per request and step
+        return settings.cache_size, settings.eviction_policy()
     unknown = sorted(k for k in (extra_args or {})
                      if isinstance(k, str) and k.startswith(REQUEST_ARG_PREFIX)
                      and k not in REQUEST_ARGS)
