@@ -146,7 +146,7 @@ def host_plan_checks(monkeypatch):
     host copies without reading the device: host seq_lens equal the device ones, and the
     device block table is a view of one of the runner's block-table buffers (whose host
     half ``step_context.host_block_table`` returns).  Yields the number of checked builds."""
-    from tova_vllm.engine import phased_builder, step_context
+    from tova_vllm.engine import handoff, phased_builder, step_context
 
     checked = []
     original = phased_builder.TovaPhasedBuilder.build
@@ -157,7 +157,7 @@ def host_plan_checks(monkeypatch):
             assert cm.seq_lens_cpu_upper_bound[:n].tolist() == cm.seq_lens[:n].tolist()
             table = cm.block_table_tensor[:n]
             buffers = [t.block_table for t in
-                       step_context.current_runner().input_batch.block_table.block_tables]
+                       handoff.step_runner.current().input_batch.block_table.block_tables]
             assert any(b.gpu.data_ptr() == table.data_ptr() for b in buffers)
             assert torch.equal(step_context.host_block_table(table), table)
             checked.append(n)
@@ -173,14 +173,15 @@ def test_host_block_table_is_the_runners_host_buffer():
     must read the host half (no device read), and copy back only unknown tensors."""
     from types import SimpleNamespace
 
-    from tova_vllm.engine.step_context import host_block_table, publishing_runner
+    from tova_vllm.engine.handoff import step_runner
+    from tova_vllm.engine.step_context import host_block_table
 
     device_half = torch.arange(40, dtype=torch.int32).view(4, 10)
     host_half = device_half.clone()
     buffer = SimpleNamespace(gpu=device_half, cpu=host_half)
     runner = SimpleNamespace(input_batch=SimpleNamespace(block_table=SimpleNamespace(
         block_tables=[SimpleNamespace(block_table=buffer)])))
-    with publishing_runner(runner):
+    with step_runner.publishing(runner):
         got = host_block_table(device_half[:3])
         assert got.data_ptr() == host_half.data_ptr() and got.shape == (3, 10)
         other = torch.ones(2, 10, dtype=torch.int32)

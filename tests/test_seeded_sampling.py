@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_harness import make_llm, random_prompts, shutdown
+from engine_harness import kv_manager, make_llm, random_prompts, scheduler_of, shutdown
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -33,12 +33,12 @@ def _sample(llm, batch: bool, seed: int = TARGET_SEED) -> tuple[list[int], int]:
 
     prompts = [TARGET, *OTHERS] if batch else [TARGET]
     seeds = [seed, 5, None, 6][:len(prompts)]
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    evicted_before = scheduler._tova_stats.evicted_tokens
+    stats = kv_manager(scheduler_of(llm)).stats
+    evicted_before = stats.evicted_tokens
     outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
                            [params(s) for s in seeds], use_tqdm=False)
     return (list(outputs[0].outputs[0].token_ids),
-            scheduler._tova_stats.evicted_tokens - evicted_before)
+            stats.evicted_tokens - evicted_before)
 
 
 @pytest.fixture(scope="module")

@@ -95,17 +95,21 @@ def _apply_config_validates_tova(patch: str) -> None:
     _wrap(VllmConfig, "__post_init__", make, patch)
 
 
+def _tova_managers(scheduler) -> list:
+    from .engine.spec import TovaManager
+
+    return [m for m in scheduler.kv_cache_manager.coordinator.single_type_managers
+            if isinstance(m, TovaManager)]
+
+
 def _apply_scheduler_shares_requests(patch: str) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
-
-    from .engine.spec import TovaManager
 
     def make(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            for manager in self.kv_cache_manager.coordinator.single_type_managers:
-                if isinstance(manager, TovaManager):
-                    manager.requests = self.requests
+            for manager in _tova_managers(self):
+                manager.requests = self.requests
         return __init__
 
     _wrap(Scheduler, "__init__", make, patch)
@@ -114,16 +118,22 @@ def _apply_scheduler_shares_requests(patch: str) -> None:
 def _apply_scheduler_reports_evictions(patch: str) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from .engine.spec import TovaManager
     from .engine.stats_channel import StatsWriter, channel_path
+
+    def stats_of(scheduler):
+        """The scheduler's first TOVA manager and its counters, or None (no TOVA, no stats)."""
+        managers = _tova_managers(scheduler)
+        if not managers or managers[0].stats is None:
+            return None
+        return managers[0], managers[0].stats
 
     def make(original):
         def schedule(self, *args, **kwargs):
             output = original(self, *args, **kwargs)
-            writer = getattr(self, "_tova_stats", None)
-            if writer is None:
+            found = stats_of(self)
+            if found is None:
                 return output
-            manager = writer.manager
+            manager, writer = found
             for req_id, num_new in output.num_scheduled_tokens.items():
                 request = self.requests[req_id]
                 schedule = manager.schedule_of(request)
@@ -138,12 +148,13 @@ def _apply_scheduler_reports_evictions(patch: str) -> None:
 
     def make_stats(original):
         def make_stats_(self, *args, **kwargs):
-            writer = getattr(self, "_tova_stats", None)
-            if writer is not None:
+            found = stats_of(self)
+            if found is not None:
+                manager, writer = found
                 # After this step's frees; O(1) for held, O(running) for the full-cache need.
                 pool = self.kv_cache_manager.block_pool
                 held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
-                block_size = writer.manager.block_size
+                block_size = manager.block_size
                 full = sum(-(-r.num_computed_tokens // block_size) for r in self.running)
                 writer.set_blocks(held, max(0, full - held))
                 writer.publish()
@@ -153,13 +164,12 @@ def _apply_scheduler_reports_evictions(patch: str) -> None:
     def make_init(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
-                        if isinstance(m, TovaManager)]
+            managers = _tova_managers(self)
             if managers and self.log_stats:
                 dp_rank = self.vllm_config.parallel_config.data_parallel_rank
-                self._tova_stats = StatsWriter(channel_path(self.vllm_config.instance_id, dp_rank))
-                self._tova_stats.manager = managers[0]
-                weakref.finalize(self, self._tova_stats.close)
+                writer = StatsWriter(channel_path(self.vllm_config.instance_id, dp_rank))
+                managers[0].stats = writer
+                weakref.finalize(self, writer.close)
         return __init__
 
     _wrap(Scheduler, "schedule", make, patch)
@@ -170,11 +180,11 @@ def _apply_scheduler_reports_evictions(patch: str) -> None:
 def _apply_runner_publishes_batch(patch: str) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .engine.step_context import publishing_runner
+    from .engine.handoff import step_runner
 
     def make(original):
         def _build_attention_metadata(self, *args, **kwargs):
-            with publishing_runner(self):
+            with step_runner.publishing(self):
                 return original(self, *args, **kwargs)
         return _build_attention_metadata
 
@@ -329,7 +339,8 @@ PATCHES: dict[str, RuntimePatch] = {
             "block table TOVA plans from (reading the device one back would make the host "
             "wait for the GPU every step).",
             touches="vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata "
-            "(wrapped: the runner is published to tova_vllm.engine.step_context while it runs)",
+            "(wrapped: the runner is published as tova_vllm.engine.handoff.step_runner while it "
+            "runs)",
             removal="Upstream num_prompt_tokens_cpu and block_table_cpu fields on "
             "CommonAttentionMetadata (the runner already has both; patches/03).",
             apply=_apply_runner_publishes_batch,

@@ -51,7 +51,7 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
         )
 
     def _make_evictor(self, layer, kv_cache) -> CpuEvictor:
-        return CpuEvictor(layer.isa, self.head_size, self.total_q_heads, self.scale,
+        return CpuEvictor(layer.isa, self.head_size, self._tp.total_q_heads, self.scale,
                           self._all_reduce())
 
     def _evictor_cache(self, kv_cache):

@@ -77,7 +77,7 @@ class TovaFlashAttentionImpl(TovaImplMixin, FlashAttentionImpl):
         )
 
     def _make_evictor(self, layer, kv_cache) -> PagedEvictor:
-        return PagedEvictor(kv_cache.device, self.total_q_heads, self.scale,
+        return PagedEvictor(kv_cache.device, self._tp.total_q_heads, self.scale,
                             self._all_reduce())
 
     def _evictor_cache(self, kv_cache):

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
-from ..config import TovaSettings, settings_from_additional_config
+import torch
+
+from ..config import settings_from_additional_config
+from . import handoff
 from .spec import TovaSpec
-
-# Set when this worker builds its first decoder layer: vLLM asks ``customize_spec`` for the
-# layers' KV specs at a point where no current config is set, so it reads this instead.
-_worker_settings: Optional[TovaSettings] = None
 
 
 class UnsupportedLayerError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class TensorParallel:
+    """A layer's tensor-parallel facts that eviction needs: each rank holds
+    ``num_heads`` of the layer's ``total_q_heads`` query heads, and TOVA's head mean is
+    over all of them (summed across ranks by ``all_reduce``)."""
+
+    size: int
+    group: Any  # vLLM's tensor-parallel GroupCoordinator; None when size == 1
+    total_q_heads: int
+
+    @property
+    def all_reduce(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        return None if self.group is None else self.group.all_reduce
+
+
 def customize_tova_spec(spec):
     """The layer's KV spec as a ``TovaSpec`` carrying the budget, when TOVA is on."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    if _worker_settings is None:
+    settings = handoff.worker_settings.read()
+    if settings is None:
         return spec
     if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
         raise UnsupportedLayerError(
@@ -29,25 +45,21 @@ def customize_tova_spec(spec):
             f"{getattr(spec, 'sliding_window', None)}, chunk "
             f"{getattr(spec, 'attention_chunk_size', None)})"
         )
-    return TovaSpec.from_full_attention(
-        spec, _worker_settings.cache_size, _worker_settings.eviction_chunk
-    )
+    return TovaSpec.from_full_attention(spec, settings.cache_size, settings.eviction_chunk)
 
 
-def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[TovaSettings]:
-    """Read the settings for a freshly built attention impl and give it the tensor-parallel
-    facts eviction needs (``tp_group``, ``total_q_heads``).  Returns None when TOVA does not
-    manage this layer.  ``unsupported``: (feature, present) pairs that refuse the layer."""
-    global _worker_settings
+def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[TensorParallel]:
+    """Publish the settings for a freshly built attention impl and return the
+    tensor-parallel facts eviction needs; None when TOVA does not manage this layer.
+    ``unsupported``: (feature, present) pairs that refuse the layer."""
     from vllm.config import get_current_vllm_config
     from vllm.v1.attention.backend import AttentionType
 
     settings = settings_from_additional_config(get_current_vllm_config().additional_config)
-    if impl.attn_type != AttentionType.DECODER:
-        return None
-    # Every engine built in this process resets it: no budget leaks into the next.
-    _worker_settings = settings
-    if settings is None:
+    # Every impl of a TOVA backend publishes, so that customize_spec can tell "TOVA off"
+    # from "asked too early" (handoff.WorkerSettings).
+    handoff.worker_settings.publish(settings)
+    if settings is None or impl.attn_type != AttentionType.DECODER:
         return None
     for what, present in unsupported:
         if present:
@@ -57,7 +69,6 @@ def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[T
     from .._patches import TOVA_WORKER, apply_patches
 
     apply_patches(TOVA_WORKER)
-    impl.tp_size = get_tensor_model_parallel_world_size()
-    impl.tp_group = get_tp_group() if impl.tp_size > 1 else None
-    impl.total_q_heads = impl.num_heads * impl.tp_size
-    return settings
+    size = get_tensor_model_parallel_world_size()
+    return TensorParallel(size=size, group=get_tp_group() if size > 1 else None,
+                          total_q_heads=impl.num_heads * size)

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from .evictor import Evictor
-from .layer_setup import setup_tova_impl
+from .layer_setup import TensorParallel, setup_tova_impl
 from .phased_builder import TovaPhaseMetadata, TovaStepMetadata
 from .side_state import SlotSideState
 
@@ -29,7 +29,8 @@ class TovaImplMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        setup_tova_impl(self, self._tova_unsupported())
+        #: Tensor-parallel facts of this layer; None when TOVA does not manage it.
+        self._tp: Optional[TensorParallel] = setup_tova_impl(self, self._tova_unsupported())
         self._evictor: Optional[Evictor] = None
         #: Per-slot side state of this layer (``side_state.py``), made on first use.
         self._side: Optional[SlotSideState] = None
@@ -54,7 +55,7 @@ class TovaImplMixin:
         return None
 
     def _all_reduce(self):
-        return None if self.tp_group is None else self.tp_group.all_reduce
+        return self._tp.all_reduce
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

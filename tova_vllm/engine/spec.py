@@ -18,6 +18,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import request_cache_size
 from ..policies import EvictionSchedule, cdiv, decode_positions, peak_positions
+from .handoff import HandoffOrderError
+from .stats_channel import StatsWriter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,9 +62,13 @@ class TovaSpec(FullAttentionSpec):
 class TovaManager(FullAttentionManager):
     """Full-attention manager whose token counts are cache positions, not logical ones."""
 
-    # The scheduler's request table, handed over by the ``scheduler_shares_requests``
-    # patch: manager calls carry only a request id, and the schedule needs the prompt length.
+    # Set by the scheduler patches right after ``Scheduler.__init__`` (see handoff.py).
+    #: The scheduler's request table (``scheduler_shares_requests``): manager calls carry
+    #: only a request id, and the schedule needs the prompt length.
     requests: Optional[dict] = None
+    #: The scheduler's TOVA counters for ``/metrics`` (``scheduler_reports_evictions``),
+    #: on the scheduler's first TOVA manager when it logs stats; None otherwise.
+    stats: Optional[StatsWriter] = None
 
     def __init__(self, kv_cache_spec: TovaSpec, *args, **kwargs) -> None:
         super().__init__(kv_cache_spec, *args, **kwargs)
@@ -71,7 +77,9 @@ class TovaManager(FullAttentionManager):
 
     def _schedule(self, request_id: str) -> EvictionSchedule:
         if self.requests is None:
-            raise RuntimeError("tova-vllm: the scheduler did not share its request table")
+            raise HandoffOrderError(
+                "tova-vllm: the scheduler did not share its request table (patch "
+                "scheduler_shares_requests runs right after Scheduler.__init__)")
         return self.schedule_of(self.requests[request_id])
 
     def schedule_of(self, request) -> EvictionSchedule:
