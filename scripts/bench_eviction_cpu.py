@@ -48,6 +48,10 @@ def main() -> None:
     from tova_vllm.engine.plan import EvictionBatch
 
     dtype = getattr(torch, args.dtype)
+    # vLLM's bf16 kernel uses AMX where the CPU has it; Linux lets a process run AMX only
+    # after asking (vLLM's worker does it; this script runs no worker).
+    if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
+        torch._C._cpu._init_amx()
     E, C, bs, D = args.requests, args.cache_size, args.block_size, args.head_size
     live = C + 1
     per_row = -(-live // bs)

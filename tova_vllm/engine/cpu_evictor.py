@@ -48,8 +48,6 @@ class CpuEvictor(Evictor):
     def evict_layers(self, queries, kv_caches, ev: EvictionBatch) -> None:
         pages = kv_caches[0]
         layout = self.layout(pages)
-        if layout.key_kind == "other":
-            return super().evict_layers(queries, kv_caches, ev)
         num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
         table = ev.block_table.reshape(-1)
         blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
@@ -146,8 +144,6 @@ def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.
     blocks are copied once and multiplied in place (a matmul against K or K^T); only an
     unusual layout pays for an element-wise gather.
     """
-    if layout.key_kind == "other":
-        return gqa_logits(query, gather(pages, layout.key, block_ids, block_offsets), scale)
     rows, width = block_ids.shape
     block_size = pages.shape[2] // 2
     per_row = -(-width // block_size)
@@ -177,15 +173,50 @@ def logits_from_key_blocks(blocks: torch.Tensor, layout: PageLayout, query: torc
     num, kv_heads, block_size, head_size = blocks.shape
     per_row = num // rows
     raw = blocks
+    kind = layout.key_kind
+    if kind == "other" and layout.key_tiles is not None and layout.key_tiles[1] == (0, 2, 1, 3):
+        return _logits_from_amx_tiles(raw, layout.key_tiles[0], query, scale, width)
+    if kind == "other" and layout.key_tiles is not None:
+        # Tiles (AMX): a permuted view of the copied blocks, made contiguous, is K in rows.
+        storage, order = layout.key_tiles
+        raw = (raw.view(num, kv_heads, *storage).permute(0, 1, *(a + 2 for a in order))
+               .reshape(num, kv_heads, block_size, head_size))
+        kind = "rows"
+    elif kind == "other":
+        # Any other permutation: one gather per copied block puts K in row order.
+        raw = torch.index_select(raw.view(num, kv_heads, -1), 2, layout.key_order)
+        kind = "rows"
     if raw.dtype != torch.float32:
         raw = _scratch("blocks_fp32", raw.shape, torch.float32).copy_(raw)
     q = query.float().view(rows, 1, kv_heads, -1, head_size)  # [E, 1, H, g, D]
-    if layout.key_kind == "transposed":
+    if kind == "transposed":
         k_t = raw.view(rows, per_row, kv_heads, head_size, block_size)
     else:
         k_t = raw.view(rows, per_row, kv_heads, block_size, head_size).transpose(-1, -2)
     logits = torch.matmul(q, k_t) * scale  # [E, n, H, g, bs]
     logits = logits.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, -1, per_row * block_size)
+    return logits[..., :width]
+
+
+def _logits_from_amx_tiles(raw: torch.Tensor, storage: tuple[int, ...], query: torch.Tensor,
+                           scale: float, width: int) -> torch.Tensor:
+    """Logits over K blocks stored as tiles ``[bs // T, D // P, T, P]`` (AMX's VNNI
+    packing), without reordering K: per tile, the ``[D // P, T * P]`` matrix is multiplied
+    by every (query dim-group offset) pair, and the pairs whose offsets match are summed
+    (P times the FLOPs of a plain matmul, none of the strided copies)."""
+    rows = query.shape[0]
+    num, kv_heads = raw.shape[:2]
+    tiles, groups, tile, group = storage
+    per_row = num // rows
+    k = raw.view(rows, per_row, kv_heads, tiles, groups, tile * group)
+    if k.dtype != torch.float32:
+        k = _scratch("blocks_fp32", k.shape, torch.float32).copy_(k)
+    q = query.float().view(rows, kv_heads, -1, groups, group)  # [E, H, g, D/P, P]
+    g = q.shape[2]
+    q = q.permute(0, 1, 2, 4, 3).reshape(rows, 1, kv_heads, 1, g * group, groups)
+    products = torch.matmul(q, k).view(rows, per_row, kv_heads, tiles, g, group, tile, group)
+    logits = torch.diagonal(products, dim1=-3, dim2=-1).sum(-1) * scale  # [E,n,H,tiles,g,T]
+    logits = logits.permute(0, 2, 4, 1, 3, 5).reshape(rows, kv_heads, g, -1)
     return logits[..., :width]
 
 

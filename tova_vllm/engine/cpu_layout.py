@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,6 +40,14 @@ class PageLayout:
     """``"transposed"`` (K stored ``[D, bs]`` per block, the ``vec`` ISA), ``"rows"``
     (``[bs, D]``), or ``"other"`` (e.g. AMX tiles): picks the scoring fast path."""
 
+    key_order: torch.Tensor
+    """Flat offsets inside a K half page of token t, dim d, in (t, d) order: one gather
+    with it puts a copied block's K in row order, whatever the layout."""
+    key_tiles: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None
+    """For an ``"other"`` layout that is tiles of tokens x dims (AMX packs K so): a K half
+    page viewed with shape ``[0]`` and permuted by ``[1]`` is ``[bs // T, T, D // P, P]``
+    in (token, dim) order, so reshaping it gives rows without an element-wise gather."""
+
 
 def _key_kind(key: HalfPageLayout) -> str:
     block_size, head_size = key.rows.shape
@@ -50,6 +59,38 @@ def _key_kind(key: HalfPageLayout) -> str:
     if torch.equal(flat, tokens * head_size + dims):
         return "rows"
     return "other"
+
+
+def _key_tiles(flat: torch.Tensor) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``flat[t, d]``: offset of K token t, dim d.  Looks for token tiles T and dim groups P
+    such that the offset is affine in (t // T, t % T, d // P, d % P) with the four axes
+    stored one inside another (a permutation of a row-major array)."""
+    block_size, head_size = flat.shape
+    t, d = torch.arange(block_size).view(-1, 1), torch.arange(head_size).view(1, -1)
+    for tile in (16, 32, 8, block_size):
+        for group in (2, 4, 1):
+            if block_size % tile or head_size % group:
+                continue
+            sizes = (block_size // tile, tile, head_size // group, group)
+            origin = int(flat[0, 0])
+            strides = (int(flat[tile % block_size, 0]) - origin if tile < block_size else 0,
+                       int(flat[1 % block_size, 0]) - origin if tile > 1 else 0,
+                       int(flat[0, group % head_size]) - origin if group < head_size else 0,
+                       int(flat[0, 1 % head_size]) - origin if group > 1 else 0)
+            if origin != 0 or min(strides) < 0:
+                continue
+            axes = sorted(range(4), key=lambda a: -strides[a])
+            inner, ok = 1, True
+            for a in reversed(axes):  # innermost first: each stride = product of inner sizes
+                if sizes[a] > 1 and strides[a] != inner:
+                    ok = False
+                inner *= sizes[a]
+            want = ((t // tile) * strides[0] + (t % tile) * strides[1]
+                    + (d // group) * strides[2] + (d % group) * strides[3])
+            if ok and torch.equal(flat, want):
+                storage = tuple(sizes[a] for a in axes)
+                return storage, tuple(axes.index(a) for a in range(4))
+    return None
 
 
 def _digits_needed(n: int) -> int:
@@ -103,4 +144,7 @@ def probe_page_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: 
         passes["value"].append((_BASE + 1 - value_half.reshape(-1).float()).clone())
     key = _decode_half(passes["key"], block_size, head_size, "K", isa, 0)
     value = _decode_half(passes["value"], block_size, head_size, "V", isa, block_size)
-    return PageLayout(key=key, value=value, key_kind=_key_kind(key))
+    flat = key.rows * head_size + key.cols
+    kind = _key_kind(key)
+    return PageLayout(key=key, value=value, key_kind=kind, key_order=flat.flatten(),
+                      key_tiles=_key_tiles(flat) if kind == "other" else None)
