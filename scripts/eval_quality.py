@@ -134,9 +134,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "fewer forward passes, and a layer holds up to C + K - 1 tokens between "
                    "evictions)")
     p.add_argument("--cell-cache", type=Path, default=None,
-                   help="reference backend: keep every (window, policy, budget) cell's "
-                   "per-token NLL here and reuse it on later runs (resume a long study, or "
-                   "split it over processes by --policies and assemble it in one last run)")
+                   help="keep every (window, policy, budget) cell's per-token NLL (reference "
+                   "backend) and every probe's answer here, and reuse them on later runs "
+                   "(resume a long study, or split it over processes by --policies or "
+                   "--skip-ppl/--skip-probe and assemble it in one last run)")
     p.add_argument("--out", type=Path, default=REPO / "build" / "quality")
     args = p.parse_args(argv)
 
@@ -680,11 +681,24 @@ def run_probes(model, tokenizer, probes, policies, budgets, args, bar: Progress)
                 prompt, answer = probe["prompt_ids"], probe["answer_ids"]
                 # Full: large enough that nothing is ever evicted.
                 size = len(prompt) + len(answer) if budget.full else budget.cache_size
-                out = generate(model, prompt, cache_size=size, max_new_tokens=len(answer),
-                               prompt_mode="chunked", prompt_chunk=args.probe_chunk,
-                               policy=policy)
-                correct.append(out.token_ids == answer)
-                outputs.append(tokenizer.decode(out.token_ids))
+                saved = None
+                if args.cell_cache is not None:
+                    args.cell_cache.mkdir(parents=True, exist_ok=True)
+                    saved = _cell_file(args.cell_cache, model, prompt + answer,
+                                       f"probe-{policy.name}-chunk{args.probe_chunk}", size,
+                                       args).with_suffix(".json")
+                if saved is not None and saved.is_file():
+                    token_ids = json.loads(saved.read_text())
+                else:
+                    token_ids = generate(model, prompt, cache_size=size,
+                                         max_new_tokens=len(answer), prompt_mode="chunked",
+                                         prompt_chunk=args.probe_chunk,
+                                         policy=policy).token_ids
+                    if saved is not None:
+                        saved.with_suffix(".tmp").write_text(json.dumps(token_ids))
+                        saved.with_suffix(".tmp").replace(saved)
+                correct.append(token_ids == answer)
+                outputs.append(tokenizer.decode(token_ids))
                 bar.update(f"{'full' if name == '*' else name} C={budget.cache_size} p{i}")
             results[(name, budget.cache_size)] = {"correct": correct, "outputs": outputs}
     return results
