@@ -827,20 +827,20 @@ def markdown_tables(results: dict) -> str:
 
 
 def _plot_policies(ax, table: dict, metric: str, xlabel: str, title: str,
-                   ylabel: Optional[str] = None, band: Optional[tuple[str, str]] = None,
-                   scale: Callable[[float], float] = lambda v: v) -> list[float]:
+                   ylabel: Optional[str] = None,
+                   band: Optional[tuple[str, str]] = None) -> list[float]:
     """One line per policy of ``metric`` against the budget fraction (log2 x axis), with
     a shaded ``band`` (two cell keys: low, high) when given; returns the plotted values."""
     values = []
     for name, row in table.items():
         cells = [c for c in row.values() if c.get(metric) is not None]
         xs = [c["fraction"] for c in cells]
-        ys = [scale(c[metric]) for c in cells]
+        ys = [c[metric] for c in cells]
         values += ys
         (line,) = ax.plot(xs, ys, marker="o", label=name)
         if band is not None:
-            low = [scale(c[band[0]]) for c in cells]
-            high = [scale(c[band[1]]) for c in cells]
+            low = [c[band[0]] for c in cells]
+            high = [c[band[1]] for c in cells]
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
             values += low + high
     ax.set_xscale("log", base=2)
@@ -874,11 +874,13 @@ def plot(results: dict, path: Path) -> bool:
                                 band=("window_ppl_min", "window_ppl_max"))
         if values and max(values) / min(values) > 20:
             left.set_yscale("log")
-        _plot_policies(middle, table, "ratio_to_full", "cache budget C / N",
-                       "Perplexity vs full cache\n(band: per-window min..max)",
-                       ylabel="perplexity change vs full cache (%)",
-                       band=("window_ratio_min", "window_ratio_max"),
-                       scale=lambda r: (r - 1) * 100)
+        ratios = _plot_policies(middle, table, "ratio_to_full", "cache budget C / N",
+                                "Perplexity / full-cache perplexity, paired by window\n"
+                                "(band: per-window min..max)",
+                                ylabel="perplexity / full-cache perplexity",
+                                band=("window_ratio_min", "window_ratio_max"))
+        if ratios and max(ratios) > 3:  # a policy that breaks down would flatten the rest
+            middle.set_yscale("log")
     else:
         left.set_axis_off()
         middle.set_axis_off()
