@@ -5,26 +5,39 @@ Runs on any Hugging Face Llama-family checkpoint with full attention (Llama, Mis
 Qwen2, Qwen3), through the plain-PyTorch reference (``tova_vllm.reference``) or, for the
 perplexity part, inside vLLM itself (``--backend vllm``/``both``).
 
-1. **Perplexity vs budget** (the paper's language-modelling setting).  A long text (by
-   default a deterministic concatenation of Python standard-library sources: the held-out
-   validation files of ``scripts/train_byte_llama.py`` (its ``corpus_files()`` filtered by
-   ``is_val()``) when that script is there, otherwise sorted stdlib paths taken with a
-   fixed stride; files joined by the EOS token; or ``--text-file``) is tokenized (no
-   special tokens, except the tokenizer's BOS in front of every window when it has one)
-   and cut into ``--num-windows`` non-overlapping windows of ``--length`` N
-   tokens.  Every window streams through the model one token at a time; after each token
-   every layer evicts down to C tokens with the policy (the decode rule applied to every
-   token: ``teacher_forced_logprobs(..., prompt_chunk=1)``).  Reported: perplexity =
-   exp(mean NLL over every scored token of every window), and bits per byte for
+1. **Perplexity vs budget** (the paper's language-modelling setting).  A long text is
+   tokenized (no special tokens, except the tokenizer's BOS in front of every window when
+   it has one) and cut into ``--num-windows`` non-overlapping windows of ``--length`` N
+   tokens.  The text (``--text``): by default a book, Newton's *Opticks* (4th edition,
+   1730; the Project Gutenberg text), which ``apache-tvm-ffi`` ships as libbacktrace's test
+   input and vLLM installs through ``xgrammar``: long continuous English prose that ships
+   offline, of the kind the TOVA paper measured on (PG-19, Project Gutenberg books); the
+   windows are spread evenly over the book.  ``--text stdlib``: the held-out validation
+   files of ``scripts/train_byte_llama.py`` (Python standard-library sources, joined by
+   the EOS token, windows back to back); the fallback, with a warning, when the book is
+   not installed.  ``--text-file``: any text.  Every window streams through the model;
+   after every token (``--ppl-chunk`` K: every K tokens) every layer evicts down to C
+   tokens with the policy (``teacher_forced_logprobs(..., prompt_chunk=K)``).  Reported:
+   perplexity = exp(mean NLL over every scored token of every window), its spread over the
+   windows (per-window min, max, std), the cost against the full cache paired by window
+   (windows differ in difficulty far more than policies do), and bits per byte for
    byte-level tokenizers.  C = N (full) evicts nothing, so it is computed once for all
    policies and checked against a plain Hugging Face forward pass on the first window.
 
-2. **Retrieval probe.**  A prompt of ``--probe-length`` tokens of Python assignments
-   ``k_qzw = 48213`` (random keys and 5-digit values, seeded) ends in ``assert k_qzw ==``;
-   the model must greedily produce the value's tokens (exact match).  The prompt streams in
-   ``chunked`` mode (eviction every ``--probe-chunk`` tokens), so eviction happens while
-   the list is read.  The queried key's depth is spread uniformly over the list.  If the
-   model cannot retrieve at full cache, the probe measures nothing and the output says so.
+2. **Retrieval probe** (``--probe-format``).  ``passkey`` (default): a 5-digit pass key
+   hidden in repeated filler sentences (the passkey test of Landmark Attention), then
+   ``What is the pass key? The pass key is``; ``kv``: Python assignments ``k_qzw = 48213``
+   ending in ``assert k_qzw ==``, a harder lookup for bigger models.  The model must
+   greedily produce the answer's tokens (exact match).  Prompts are about
+   ``--probe-length`` tokens and stream in ``chunked`` mode (eviction every
+   ``--probe-chunk`` tokens), so eviction happens while they are read.  The queried item's
+   depth is spread uniformly over the prompt.  The full-cache pass rate is reported with
+   the table; if the model cannot retrieve at full cache, the probe measures nothing and
+   the output says so.
+
+``--cell-cache DIR`` keeps every cell (a window's NLLs under one policy and budget, one
+probe's answer) and reuses it, so a long study can resume, or be split over processes
+(by ``--policies``, ``--skip-ppl``/``--skip-probe``) and assembled by one last run.
 
 Output (``--out``, default ``build/quality``): ``results.json`` (every number, the
 settings, the model path, wall time), ``results.md`` (markdown tables and the command line)
