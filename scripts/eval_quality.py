@@ -116,6 +116,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-windows", type=int, default=None, help="default 4 (quick: 1)")
     p.add_argument("--length", type=int, default=None, help="N tokens/window, default 1024 "
                    "(quick: 128)")
+    p.add_argument("--window-stride", type=int, default=None,
+                   help="tokens from one window's start to the next (default: the whole "
+                   "text / --num-windows for the book and --text-file, --length for stdlib)")
     p.add_argument("--num-probes", type=int, default=None, help="default 20 (quick: 4)")
     p.add_argument("--probe-length", type=int, default=None,
                    help="probe prompt tokens, about; default 512 (quick: 128)")
@@ -358,14 +361,17 @@ def load_token_stream(tokenizer, args, needed: int) -> tuple[list[int], dict]:
 
 
 def make_windows(ids: list[int], num: int, length: int, bos: Optional[int],
-                 spread: bool = False) -> list[list[int]]:
+                 spread: bool = False, stride: Optional[int] = None) -> list[list[int]]:
     """``num`` non-overlapping windows of ``length`` tokens (BOS first when given): back to
     back from the start, or with ``spread`` evenly over all of ``ids`` (windows from all
-    over a book vary more than neighbours do, so their spread says more)."""
+    over a book vary more than neighbours do, so their spread says more), or starting
+    every ``stride`` tokens (so a run with fewer windows reuses the first ones)."""
     body = length - (bos is not None)
-    if len(ids) < num * body:
-        raise ValueError(f"{len(ids)} tokens cannot hold {num} windows of {body}")
-    stride = len(ids) // num if spread else body
+    if stride is None:
+        stride = len(ids) // num if spread else body
+    if stride < body or len(ids) < (num - 1) * stride + body:
+        raise ValueError(f"{len(ids)} tokens cannot hold {num} windows of {body} tokens "
+                         f"every {stride}")
     windows = []
     for w in range(num):
         chunk = ids[w * stride:w * stride + body]
@@ -955,9 +961,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not args.skip_ppl:
         budgets = parse_budgets(args.budgets, args.length)
         body = args.length - (bos is not None)
-        stream, text_info = load_token_stream(tokenizer, args, body * args.num_windows)
+        needed = (body * args.num_windows if args.window_stride is None
+                  else (args.num_windows - 1) * args.window_stride + body)
+        stream, text_info = load_token_stream(tokenizer, args, needed)
         windows = make_windows(stream, args.num_windows, args.length, bos,
-                               spread=text_info["spread"])
+                               spread=text_info["spread"], stride=args.window_stride)
         nlls: dict[str, dict] = {}
         if args.backend in ("vllm", "both"):
             print(f"vLLM: {len(windows)} windows x {len(budgets)} budgets", flush=True)

@@ -197,8 +197,12 @@ def test_windows_spread_and_book_text(study, tmp_path):
     assert script.make_windows(ids, 3, 11, bos=None) == [ids[0:11], ids[11:22], ids[22:33]]
     spread = script.make_windows(ids, 3, 11, bos=-1, spread=True)
     assert spread == [[-1] + ids[0:10], [-1] + ids[33:43], [-1] + ids[66:76]]
+    # A fixed stride: fewer windows are the first ones of the spread.
+    assert script.make_windows(ids, 2, 11, bos=-1, stride=33) == spread[:2]
     with pytest.raises(ValueError):
         script.make_windows(ids, 4, 30, bos=None)
+    with pytest.raises(ValueError):
+        script.make_windows(ids, 2, 11, bos=None, stride=10)  # overlapping
     book = tmp_path / "book.txt"
     book.write_text("Produced by volunteers.\n\nOPTICKS:\n\nOR, A TREATISE\n")
     assert script.book_text(book) == "OPTICKS:\n\nOR, A TREATISE\n"
