@@ -5,26 +5,39 @@ Runs on any Hugging Face Llama-family checkpoint with full attention (Llama, Mis
 Qwen2, Qwen3), through the plain-PyTorch reference (``tova_vllm.reference``) or, for the
 perplexity part, inside vLLM itself (``--backend vllm``/``both``).
 
-1. **Perplexity vs budget** (the paper's language-modelling setting).  A long text (by
-   default a deterministic concatenation of Python standard-library sources: the held-out
-   validation files of ``scripts/train_byte_llama.py`` (its ``corpus_files()`` filtered by
-   ``is_val()``) when that script is there, otherwise sorted stdlib paths taken with a
-   fixed stride; files joined by the EOS token; or ``--text-file``) is tokenized (no
-   special tokens, except the tokenizer's BOS in front of every window when it has one)
-   and cut into ``--num-windows`` non-overlapping windows of ``--length`` N
-   tokens.  Every window streams through the model one token at a time; after each token
-   every layer evicts down to C tokens with the policy (the decode rule applied to every
-   token: ``teacher_forced_logprobs(..., prompt_chunk=1)``).  Reported: perplexity =
-   exp(mean NLL over every scored token of every window), and bits per byte for
+1. **Perplexity vs budget** (the paper's language-modelling setting).  A long text is
+   tokenized (no special tokens, except the tokenizer's BOS in front of every window when
+   it has one) and cut into ``--num-windows`` non-overlapping windows of ``--length`` N
+   tokens.  The text (``--text``): by default a book, Newton's *Opticks* (4th edition,
+   1730; the Project Gutenberg text), which ``apache-tvm-ffi`` ships as libbacktrace's test
+   input and vLLM installs through ``xgrammar``: long continuous English prose that ships
+   offline, of the kind the TOVA paper measured on (PG-19, Project Gutenberg books); the
+   windows are spread evenly over the book.  ``--text stdlib``: the held-out validation
+   files of ``scripts/train_byte_llama.py`` (Python standard-library sources, joined by
+   the EOS token, windows back to back); the fallback, with a warning, when the book is
+   not installed.  ``--text-file``: any text.  Every window streams through the model;
+   after every token (``--ppl-chunk`` K: every K tokens) every layer evicts down to C
+   tokens with the policy (``teacher_forced_logprobs(..., prompt_chunk=K)``).  Reported:
+   perplexity = exp(mean NLL over every scored token of every window), its spread over the
+   windows (per-window min, max, std), the cost against the full cache paired by window
+   (windows differ in difficulty far more than policies do), and bits per byte for
    byte-level tokenizers.  C = N (full) evicts nothing, so it is computed once for all
    policies and checked against a plain Hugging Face forward pass on the first window.
 
-2. **Retrieval probe.**  A prompt of ``--probe-length`` tokens of Python assignments
-   ``k_qzw = 48213`` (random keys and 5-digit values, seeded) ends in ``assert k_qzw ==``;
-   the model must greedily produce the value's tokens (exact match).  The prompt streams in
-   ``chunked`` mode (eviction every ``--probe-chunk`` tokens), so eviction happens while
-   the list is read.  The queried key's depth is spread uniformly over the list.  If the
-   model cannot retrieve at full cache, the probe measures nothing and the output says so.
+2. **Retrieval probe** (``--probe-format``).  ``passkey`` (default): a 5-digit pass key
+   hidden in repeated filler sentences (the passkey test of Landmark Attention), then
+   ``What is the pass key? The pass key is``; ``kv``: Python assignments ``k_qzw = 48213``
+   ending in ``assert k_qzw ==``, a harder lookup for bigger models.  The model must
+   greedily produce the answer's tokens (exact match).  Prompts are about
+   ``--probe-length`` tokens and stream in ``chunked`` mode (eviction every
+   ``--probe-chunk`` tokens), so eviction happens while they are read.  The queried item's
+   depth is spread uniformly over the prompt.  The full-cache pass rate is reported with
+   the table; if the model cannot retrieve at full cache, the probe measures nothing and
+   the output says so.
+
+``--cell-cache DIR`` keeps every cell (a window's NLLs under one policy and budget, one
+probe's answer) and reuses it, so a long study can resume, or be split over processes
+(by ``--policies``, ``--skip-ppl``/``--skip-probe``) and assembled by one last run.
 
 Output (``--out``, default ``build/quality``): ``results.json`` (every number, the
 settings, the model path, wall time), ``results.md`` (markdown tables and the command line)
@@ -65,6 +78,7 @@ from tova_vllm.policies import POLICY_NAMES as POLICIES  # noqa: E402
 from train_byte_llama import corpus_files, is_val  # noqa: E402
 
 DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2,full"
+TEXTS = ("book", "stdlib")
 QUICK = dict(num_windows=1, length=128, num_probes=4, probe_length=128)
 DEFAULTS = dict(num_windows=4, length=1024, num_probes=20, probe_length=512)
 
@@ -92,14 +106,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4, help="sink_window: first tokens kept")
     p.add_argument("--recent", type=int, default=None,
                    help="h2o: most recent tokens kept (default: half the budget)")
+    p.add_argument("--text", choices=TEXTS, default="book",
+                   help="text for perplexity: 'book' (default), Newton's Opticks, the Project "
+                   "Gutenberg book that vLLM's dependency apache-tvm-ffi ships (falls back to "
+                   "'stdlib' with a warning when it is not installed); 'stdlib': held-out "
+                   "Python standard-library sources")
     p.add_argument("--text-file", type=Path, default=None,
-                   help="text for perplexity (default: Python stdlib sources)")
+                   help="text for perplexity from a file (overrides --text)")
     p.add_argument("--num-windows", type=int, default=None, help="default 4 (quick: 1)")
     p.add_argument("--length", type=int, default=None, help="N tokens/window, default 1024 "
                    "(quick: 128)")
+    p.add_argument("--window-stride", type=int, default=None,
+                   help="tokens from one window's start to the next (default: the whole "
+                   "text / --num-windows for the book and --text-file, --length for stdlib)")
     p.add_argument("--num-probes", type=int, default=None, help="default 20 (quick: 4)")
     p.add_argument("--probe-length", type=int, default=None,
                    help="probe prompt tokens, about; default 512 (quick: 128)")
+    p.add_argument("--probe-format", choices=("passkey", "kv"), default="passkey",
+                   help="retrieval probe: 'passkey' (default; a 5-digit key in repeated "
+                   "filler, which a 135M model retrieves at full cache) or 'kv' (a lookup "
+                   "among Python assignments k_xyz = 48213: for bigger models)")
     p.add_argument("--probe-chunk", type=int, default=16,
                    help="eviction period while the probe prompt streams in")
     p.add_argument("--seed", type=int, default=0)
@@ -118,6 +144,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sanity-tol", type=float, default=None,
                    help="max |logprob| difference, full budget vs plain HF forward "
                    "(default 2e-3 in float32, 0.1 otherwise)")
+    p.add_argument("--ppl-chunk", type=int, default=1,
+                   help="perplexity: evict every K tokens (default 1: after every token, the "
+                   "paper's setting; K > 1 is the plugin's chunked prompt mode, K times "
+                   "fewer forward passes, and a layer holds up to C + K - 1 tokens between "
+                   "evictions)")
+    p.add_argument("--cell-cache", type=Path, default=None,
+                   help="keep every (window, policy, budget) cell's per-token NLL (reference "
+                   "backend) and every probe's answer here, and reuse them on later runs "
+                   "(resume a long study, or split it over processes by --policies or "
+                   "--skip-ppl/--skip-probe and assemble it in one last run)")
     p.add_argument("--out", type=Path, default=REPO / "build" / "quality")
     args = p.parse_args(argv)
 
@@ -133,6 +169,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--policies: unknown {bad}; choose from {list(POLICIES)}")
     if args.probe_budgets is None:
         args.probe_budgets = args.budgets
+    if args.ppl_chunk < 1:
+        p.error("--ppl-chunk must be >= 1")
     if args.length < 2 or args.num_windows < 1:
         p.error("--length must be >= 2 and --num-windows >= 1")
     if args.probe_length < 16 or args.num_probes < 1:
@@ -237,6 +275,35 @@ def default_text_files() -> tuple[Path, list[Path], str]:
     return root, val, "held-out validation files of scripts/train_byte_llama.py"
 
 
+# Where apache-tvm-ffi (required by xgrammar, which vLLM requires) keeps libbacktrace's test
+# input: the Project Gutenberg text of Newton's *Opticks* (4th edition, 1730; public domain).
+BOOK_IN_PACKAGE = ("tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt")
+BOOK_START = "OPTICKS:"  # the title page: what precedes it is the transcribers' credits
+
+
+def book_path() -> Optional[Path]:
+    """Newton's *Opticks* as installed with vLLM, or ``None``.  Located without importing
+    the package (its import loads a native library)."""
+    import importlib.util
+
+    package, relative = BOOK_IN_PACKAGE
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / relative
+        if path.is_file():
+            return path
+    return None
+
+
+def book_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    start = text.find(BOOK_START)
+    return text[start:] if start >= 0 else text
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -247,11 +314,26 @@ def load_token_stream(tokenizer, args, needed: int) -> tuple[list[int], dict]:
     if args.text_file is not None:
         text = args.text_file.read_text(encoding="utf-8", errors="replace")
         ids = _encode(tokenizer, text)
-        info = {"source": str(args.text_file), "chars": len(text)}
+        info = {"source": str(args.text_file), "chars": len(text), "spread": True}
         if len(ids) < needed:
             raise SystemExit(f"--text-file has {len(ids)} tokens; {needed} are needed "
                              "(lower --num-windows or --length)")
         return ids, info
+    if args.text == "book":
+        path = book_path()
+        if path is not None:
+            text = book_text(path)
+            ids = _encode(tokenizer, text)
+            info = {"source": "book: Isaac Newton, Opticks (4th ed. 1730), Project Gutenberg "
+                    "text shipped by apache-tvm-ffi", "path": str(path), "chars": len(text),
+                    "spread": True}
+            if len(ids) < needed:
+                raise SystemExit(f"the book has {len(ids)} tokens; {needed} are needed "
+                                 "(lower --num-windows or --length)")
+            return ids, info
+        print(f"warning: {BOOK_IN_PACKAGE[0]} (installed with vLLM) does not ship "
+              f"{BOOK_IN_PACKAGE[1]} here; measuring on the standard-library sources instead "
+              "(--text stdlib)", file=sys.stderr)
     root, files, how = default_text_files()
     # Files are tokenized one by one and joined by the EOS token when the tokenizer has
     # one (the byte-level trainer's stream format), else by a blank line.
@@ -274,16 +356,25 @@ def load_token_stream(tokenizer, args, needed: int) -> tuple[list[int], dict]:
     if len(ids) < needed:
         raise SystemExit(f"the default text has only {len(ids)} tokens; {needed} needed")
     info = {"source": how, "stdlib": str(root), "python": sys.version.split()[0],
-            "files": used, "separator": separator}
+            "files": used, "separator": separator, "spread": False}
     return ids, info
 
 
-def make_windows(ids: list[int], num: int, length: int, bos: Optional[int]) -> list[list[int]]:
-    """``num`` non-overlapping windows of ``length`` tokens (BOS first when given)."""
+def make_windows(ids: list[int], num: int, length: int, bos: Optional[int],
+                 spread: bool = False, stride: Optional[int] = None) -> list[list[int]]:
+    """``num`` non-overlapping windows of ``length`` tokens (BOS first when given): back to
+    back from the start, or with ``spread`` evenly over all of ``ids`` (windows from all
+    over a book vary more than neighbours do, so their spread says more), or starting
+    every ``stride`` tokens (so a run with fewer windows reuses the first ones)."""
     body = length - (bos is not None)
+    if stride is None:
+        stride = len(ids) // num if spread else body
+    if stride < body or len(ids) < (num - 1) * stride + body:
+        raise ValueError(f"{len(ids)} tokens cannot hold {num} windows of {body} tokens "
+                         f"every {stride}")
     windows = []
     for w in range(num):
-        chunk = ids[w * body:(w + 1) * body]
+        chunk = ids[w * stride:w * stride + body]
         windows.append(([bos] if bos is not None else []) + chunk)
     return windows
 
@@ -324,34 +415,61 @@ def hf_logprobs(model, ids: list[int], attention_mask=None):
     return logprobs.gather(1, tokens[0, 1:].unsqueeze(1))[:, 0].cpu()
 
 
+def _cell_file(cache_dir: Path, model, ids, name: str, cache_size: int, args) -> Path:
+    """Where one (window, policy, budget) cell's NLLs are kept: named by a hash of all that
+    decides them (model, dtype, tokens, policy settings, budget)."""
+    import hashlib
+
+    key = json.dumps([str(getattr(model, "name_or_path", "")), args.dtype, list(ids), name,
+                      cache_size, args.sinks, args.recent, args.ppl_chunk])
+    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+
 def ppl_reference(model, windows, policies, budgets, args, cell_done: Callable) -> dict:
     """Per-token NLL lists ``{(policy, C): [per-window fp32 tensor]}``.
 
-    The full budget evicts nothing, so it is computed once (key ``("*", N)``)."""
+    The full budget evicts nothing, so it is computed once (key ``("*", N)``).  Window by
+    window (all budgets of a window before the next), so that a run cut short has whole
+    windows in ``--cell-cache`` to resume from."""
+    import torch
     from tova_vllm.reference import teacher_forced_logprobs
 
-    out = {}
+    out: dict = {}
     length = len(windows[0])
-    for budget in budgets:
-        names = ["*"] if budget.full else policies
-        for name in names:
-            if name != "*" and _budget_error(name, budget, args):
-                continue
-            policy = _policy("tova" if name == "*" else name, args)
-            per_window = []
-            for w, ids in enumerate(windows):
+    cache_dir = args.cell_cache
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    for w, ids in enumerate(windows):
+        for budget in budgets:
+            names = ["*"] if budget.full else policies
+            for name in names:
+                if name != "*" and _budget_error(name, budget, args):
+                    continue
+                policy_name = "tova" if name == "*" else name
                 label = f"{name if name != '*' else 'full'} C={budget.cache_size} w{w}"
-                step = max(1, length // 16)
+                saved = None
+                if cache_dir is not None:
+                    saved = _cell_file(cache_dir, model, ids, policy_name, budget.cache_size,
+                                       args)
+                if saved is not None and saved.is_file():
+                    nll = torch.load(saved)
+                else:
+                    step = max(1, length // 16)
 
-                def progress(n, label=label, step=step):
-                    if n % step == 0 or n == length:
-                        cell_done.note(f"{label} tok {n}/{length}")
+                    def progress(n, label=label, step=step):
+                        if n % step == 0 or n == length:
+                            cell_done.note(f"{label} tok {n}/{length}")
 
-                lp = teacher_forced_logprobs(model, ids, cache_size=budget.cache_size,
-                                             policy=policy, prompt_chunk=1, progress=progress)
-                per_window.append(-lp.double())
+                    lp = teacher_forced_logprobs(model, ids, cache_size=budget.cache_size,
+                                                 policy=_policy(policy_name, args),
+                                                 prompt_chunk=args.ppl_chunk,
+                                                 progress=progress)
+                    nll = -lp.double()
+                    if saved is not None:
+                        torch.save(nll, saved.with_suffix(".tmp"))
+                        saved.with_suffix(".tmp").replace(saved)  # whole files only
+                out.setdefault((name, budget.cache_size), [None] * len(windows))[w] = nll
                 cell_done.update(label)
-            out[(name, budget.cache_size)] = per_window
     return out
 
 
@@ -364,7 +482,7 @@ def ppl_vllm(model_path: str, windows, policies, budgets, args) -> dict:
     from vllm import LLM, SamplingParams
 
     length = len(windows[0])
-    tova = {"cache_size": length, "prompt_mode": "chunked", "prompt_chunk": 1,
+    tova = {"cache_size": length, "prompt_mode": "chunked", "prompt_chunk": args.ppl_chunk,
             "sinks": args.sinks}
     if args.recent is not None:
         tova["recent"] = args.recent
@@ -410,10 +528,20 @@ def ppl_vllm(model_path: str, windows, policies, budgets, args) -> dict:
         gc.collect()
 
 
+def window_spread(values: list[float]) -> dict[str, Any]:
+    """Per-window perplexities and their spread: min, max and the sample standard deviation
+    (0 for a single window)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"window_perplexity": list(values), "window_ppl_min": min(values),
+            "window_ppl_max": max(values), "window_ppl_std": math.sqrt(var)}
+
+
 def summarize_ppl(nll: dict, windows, policies, budgets, args, byte_level: bool,
                   save_tokens: bool) -> dict:
     """Perplexity per (policy, budget); the full budget is shared by every policy."""
     length = len(windows[0])
+    full_key = ("*", length)
     table: dict[str, dict[str, Any]] = {}
     for name in policies:
         row = {}
@@ -429,10 +557,17 @@ def summarize_ppl(nll: dict, windows, policies, budgets, args, byte_level: bool,
                 total = sum(float(t.sum()) for t in per_window)
                 count = sum(t.numel() for t in per_window)
                 mean = total / count
-                cell.update(
-                    perplexity=math.exp(mean), mean_nll=mean, tokens=count,
-                    window_perplexity=[math.exp(float(t.mean())) for t in per_window],
-                )
+                cell.update(perplexity=math.exp(mean), mean_nll=mean, tokens=count)
+                cell.update(window_spread([math.exp(float(t.mean())) for t in per_window]))
+                if full_key in nll:
+                    # Paired with the same window at full cache: windows differ in how hard
+                    # their text is far more than the policies differ, so the cost of a
+                    # budget is read per window.
+                    full_ppl = [math.exp(float(t.mean())) for t in nll[full_key]]
+                    ratios = [p / f for p, f in zip(cell["window_perplexity"], full_ppl)]
+                    cell.update(ratio_to_full=cell["perplexity"] / math.exp(
+                                    sum(float(t.sum()) for t in nll[full_key]) / count),
+                                window_ratio_min=min(ratios), window_ratio_max=max(ratios))
                 if byte_level:
                     cell["bits_per_byte"] = mean / math.log(2)
                 if save_tokens:
@@ -457,7 +592,52 @@ def _split_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int]
     return full[:cut], full[cut:]
 
 
+# The passkey test of Mohtashami & Jaggi (2023, "Landmark Attention"): a pass key hidden in
+# repeated filler, asked for at the end.  Copying a number that follows a unique phrase is
+# an induction-head task that even a 135M model does at full cache; what eviction changes is
+# whether the key's tokens are still in the cache when the question comes.
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again. ")
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
 def build_probes(tokenizer, args) -> list[dict]:
+    """``--num-probes`` prompts of about ``--probe-length`` tokens in ``--probe-format``,
+    the queried item's depth spread uniformly over the prompt."""
+    if args.probe_format == "passkey":
+        return build_passkey_probes(tokenizer, args)
+    return build_kv_probes(tokenizer, args)
+
+
+def build_passkey_probes(tokenizer, args) -> list[dict]:
+    """Filler sentences with the needle after ``index`` of them; the answer is the 5-digit
+    key (a space and five digit tokens for most tokenizers)."""
+    bos = tokenizer.bos_token_id
+    per_filler = len(_encode(tokenizer, PASSKEY_FILLER * 8)) / 8
+    fixed = len(_encode(tokenizer, PASSKEY_NEEDLE.format(key="12345") + PASSKEY_QUESTION))
+    fillers = max(1, int((args.probe_length - fixed - (bos is not None)) / per_filler))
+    probes = []
+    for i in range(args.num_probes):
+        prng = random.Random(f"{args.seed}-passkey-{i}")
+        key = str(prng.randrange(10000, 100000))
+        index = min(fillers, int((i + 0.5) / args.num_probes * (fillers + 1)))
+        text = (PASSKEY_FILLER * index + PASSKEY_NEEDLE.format(key=key)
+                + PASSKEY_FILLER * (fillers - index) + PASSKEY_QUESTION)
+        prompt_ids, answer_ids = _split_prompt_answer(tokenizer, text, " " + key)
+        if bos is not None:
+            prompt_ids = [bos] + prompt_ids
+        probes.append({
+            "key": "pass key", "value": key, "items": fillers, "index": index,
+            "depth": index / fillers, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+        })
+    return probes
+
+
+def build_kv_probes(tokenizer, args) -> list[dict]:
+    """Python assignments ``k_qzw = 48213`` (random keys and 5-digit values), then
+    ``assert k_qzw ==``: a lookup among many similar lines, too hard for a 135M model
+    (0/10 at full cache for SmolLM2-135M-Instruct) but a finer test for bigger ones."""
     bos = tokenizer.bos_token_id
     rng = random.Random(args.seed)
 
@@ -498,7 +678,7 @@ def build_probes(tokenizer, args) -> list[dict]:
         if bos is not None:
             prompt_ids = [bos] + prompt_ids
         probes.append({
-            "key": keys[index], "value": values[index], "pairs": num_pairs,
+            "key": keys[index], "value": values[index], "items": num_pairs,
             "index": index, "depth": index / max(1, num_pairs - 1),
             "prompt_ids": prompt_ids, "answer_ids": answer_ids,
         })
@@ -520,11 +700,24 @@ def run_probes(model, tokenizer, probes, policies, budgets, args, bar: Progress)
                 prompt, answer = probe["prompt_ids"], probe["answer_ids"]
                 # Full: large enough that nothing is ever evicted.
                 size = len(prompt) + len(answer) if budget.full else budget.cache_size
-                out = generate(model, prompt, cache_size=size, max_new_tokens=len(answer),
-                               prompt_mode="chunked", prompt_chunk=args.probe_chunk,
-                               policy=policy)
-                correct.append(out.token_ids == answer)
-                outputs.append(tokenizer.decode(out.token_ids))
+                saved = None
+                if args.cell_cache is not None:
+                    args.cell_cache.mkdir(parents=True, exist_ok=True)
+                    saved = _cell_file(args.cell_cache, model, prompt + answer,
+                                       f"probe-{policy.name}-chunk{args.probe_chunk}", size,
+                                       args).with_suffix(".json")
+                if saved is not None and saved.is_file():
+                    token_ids = json.loads(saved.read_text())
+                else:
+                    token_ids = generate(model, prompt, cache_size=size,
+                                         max_new_tokens=len(answer), prompt_mode="chunked",
+                                         prompt_chunk=args.probe_chunk,
+                                         policy=policy).token_ids
+                    if saved is not None:
+                        saved.with_suffix(".tmp").write_text(json.dumps(token_ids))
+                        saved.with_suffix(".tmp").replace(saved)
+                correct.append(token_ids == answer)
+                outputs.append(tokenizer.decode(token_ids))
                 bar.update(f"{'full' if name == '*' else name} C={budget.cache_size} p{i}")
             results[(name, budget.cache_size)] = {"correct": correct, "outputs": outputs}
     return results
@@ -564,6 +757,17 @@ def _header(budgets: list[Budget]) -> str:
     return "| policy | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
 
 
+def _eviction_note(chunk: int) -> str:
+    if chunk == 1:
+        return "Every layer evicts down to C after every token."
+    return (f"Every layer evicts down to C every {chunk} tokens (chunked prompt mode), so "
+            f"it holds between C and C + {chunk - 1} tokens.")
+
+
+def _pct(ratio: float) -> str:
+    return f"{(ratio - 1) * 100:+.1f}%"
+
+
 def markdown_tables(results: dict) -> str:
     parts = []
     ppl = results.get("perplexity")
@@ -572,11 +776,29 @@ def markdown_tables(results: dict) -> str:
         budgets = [Budget(**b) for b in ppl["budgets"]]
         for backend, table in ppl["tables"].items():
             parts.append(f"### Perplexity ({backend}; {ppl['windows']} x {length} tokens, "
-                         f"{ppl['scored_tokens']} scored)\n")
+                         f"{ppl['scored_tokens']} scored)\n\nText: {ppl['text']['source']}. "
+                         f"{_eviction_note(results['settings'].get('ppl_chunk', 1))}\n\n")
             parts.append(_header(budgets))
             for name, row in table.items():
                 cells = [("n/a" if c["perplexity"] is None else f"{c['perplexity']:.4g}")
                          for c in row.values()]
+                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
+            parts.append(f"\nPer-window perplexity, min - max (std) over the "
+                         f"{ppl['windows']} windows ({backend}):\n\n")
+            parts.append(_header(budgets))
+            for name, row in table.items():
+                cells = [("n/a" if c["perplexity"] is None else
+                          f"{c['window_ppl_min']:.4g} - {c['window_ppl_max']:.4g} "
+                          f"({c['window_ppl_std']:.2g})") for c in row.values()]
+                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
+            parts.append(f"\nCost against the full cache: perplexity change, overall "
+                         f"(min .. max over the windows, each against itself at full "
+                         f"cache) ({backend}):\n\n")
+            parts.append(_header(budgets))
+            for name, row in table.items():
+                cells = [("n/a" if c.get("ratio_to_full") is None else
+                          f"{_pct(c['ratio_to_full'])} ({_pct(c['window_ratio_min'])} .. "
+                          f"{_pct(c['window_ratio_max'])})") for c in row.values()]
                 parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
             if ppl["byte_level"]:
                 parts.append(f"\nBits per byte ({backend}):\n\n")
@@ -598,9 +820,11 @@ def markdown_tables(results: dict) -> str:
     probe = results.get("retrieval")
     if probe:
         budgets = [Budget(**b) for b in probe["budgets"]]
-        parts.append(f"### Retrieval accuracy ({probe['num_probes']} probes of ~"
-                     f"{probe['mean_prompt_tokens']:.0f} tokens, {probe['pairs']} key-value "
-                     f"pairs, prompt chunk {probe['chunk']})\n\n")
+        what = (f"pass key after 0..{probe['items']} of {probe['items']} filler sentences"
+                if probe["format"] == "passkey" else f"{probe['items']} key-value pairs")
+        parts.append(f"### Retrieval accuracy ({probe['format']}: {probe['num_probes']} probes "
+                     f"of ~{probe['mean_prompt_tokens']:.0f} tokens, {what}, prompt chunk "
+                     f"{probe['chunk']}; full cache: {probe['full_accuracy']:.0%})\n\n")
         parts.append(_header(budgets))
         for name, row in probe["table"].items():
             cells = []
@@ -622,14 +846,22 @@ def markdown_tables(results: dict) -> str:
 
 
 def _plot_policies(ax, table: dict, metric: str, xlabel: str, title: str,
-                   ylabel: Optional[str] = None) -> list[float]:
-    """One line per policy of ``metric`` against the budget fraction (log2 x axis);
-    returns the plotted values."""
+                   ylabel: Optional[str] = None,
+                   band: Optional[tuple[str, str]] = None) -> list[float]:
+    """One line per policy of ``metric`` against the budget fraction (log2 x axis), with
+    a shaded ``band`` (two cell keys: low, high) when given; returns the plotted values."""
     values = []
     for name, row in table.items():
-        pts = [(c["fraction"], c[metric]) for c in row.values() if c[metric] is not None]
-        values += [v for _, v in pts]
-        ax.plot(*zip(*pts), marker="o", label=name)
+        cells = [c for c in row.values() if c.get(metric) is not None]
+        xs = [c["fraction"] for c in cells]
+        ys = [c[metric] for c in cells]
+        values += ys
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        if band is not None:
+            low = [c[band[0]] for c in cells]
+            high = [c[band[1]] for c in cells]
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
+            values += low + high
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or metric)
@@ -649,27 +881,40 @@ def plot(results: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
     ppl = results.get("perplexity")
     if ppl:
         backend = "reference" if "reference" in ppl["tables"] else next(iter(ppl["tables"]))
-        values = _plot_policies(left, ppl["tables"][backend], "perplexity", "cache budget C / N",
-                                f"Perplexity ({backend}, N={results['settings']['length']})")
+        table = ppl["tables"][backend]
+        n, length = ppl["windows"], results["settings"]["length"]
+        values = _plot_policies(left, table, "perplexity", "cache budget C / N",
+                                f"Perplexity ({backend}, {n} x {length} tokens;\n"
+                                "band: per-window min..max)",
+                                band=("window_ppl_min", "window_ppl_max"))
         if values and max(values) / min(values) > 20:
             left.set_yscale("log")
+        ratios = _plot_policies(middle, table, "ratio_to_full", "cache budget C / N",
+                                "Perplexity / full-cache perplexity, paired by window\n"
+                                "(band: per-window min..max)",
+                                ylabel="perplexity / full-cache perplexity",
+                                band=("window_ratio_min", "window_ratio_max"))
+        if ratios and max(ratios) > 3:  # a policy that breaks down would flatten the rest
+            middle.set_yscale("log")
     else:
         left.set_axis_off()
+        middle.set_axis_off()
     probe = results.get("retrieval")
     if probe:
         _plot_policies(right, probe["table"], "accuracy", "cache budget C / probe length",
-                       f"Key-value retrieval (~{probe['probe_length']} tokens)",
+                       f"Retrieval: {probe['format']} (~{probe['probe_length']} tokens)\n"
+                       f"full cache: {probe['full_accuracy']:.0%}",
                        ylabel="exact-match accuracy")
         right.set_ylim(-0.05, 1.05)
     else:
         right.set_axis_off()
     fig.suptitle(Path(results["model"]).name or results["model"])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -716,8 +961,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not args.skip_ppl:
         budgets = parse_budgets(args.budgets, args.length)
         body = args.length - (bos is not None)
-        stream, text_info = load_token_stream(tokenizer, args, body * args.num_windows)
-        windows = make_windows(stream, args.num_windows, args.length, bos)
+        needed = (body * args.num_windows if args.window_stride is None
+                  else (args.num_windows - 1) * args.window_stride + body)
+        stream, text_info = load_token_stream(tokenizer, args, needed)
+        windows = make_windows(stream, args.num_windows, args.length, bos,
+                               spread=text_info["spread"], stride=args.window_stride)
         nlls: dict[str, dict] = {}
         if args.backend in ("vllm", "both"):
             print(f"vLLM: {len(windows)} windows x {len(budgets)} budgets", flush=True)
@@ -788,7 +1036,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "probe_length": args.probe_length,
             "num_probes": len(probes),
             "chunk": args.probe_chunk,
-            "pairs": probes[0]["pairs"],
+            "format": args.probe_format,
+            "items": probes[0]["items"],
             "mean_prompt_tokens": sum(len(p["prompt_ids"]) for p in probes) / len(probes),
             "full_accuracy": full_acc,
             "probes": [{k: p[k] for k in ("key", "value", "index", "depth")}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def study(tiny_models, tmp_path_factory):
     results = script.main([
         "--model", str(tiny_models["llama_gqa"]), "--quick", "--length", str(LENGTH),
         "--num-windows", str(WINDOWS), "--budgets", "1/8,1/4,1/2,full",
-        "--num-probes", "3", "--probe-length", "64", "--probe-chunk", "8",
+        "--num-probes", "3", "--probe-length", "384", "--probe-chunk", "8",
         "--sinks", str(SINKS), "--save-token-nll", "--device", "cpu", "--out", str(out),
     ])
     print(f"eval_quality --quick on tiny llama_gqa: {time.monotonic() - start:.1f} s")
@@ -67,13 +68,14 @@ def _hf_nll(model, ids, mask=None) -> torch.Tensor:
 
 
 def test_files_and_tables(study):
-    _, results, out = study
+    script, results, out = study
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"] == results["model"]
     assert saved["wall_time_s"] > 0
     md = (out / "results.md").read_text()
     assert "python3 scripts/eval_quality.py" in md and "--quick" in md
     assert "| tova |" in md and "Retrieval accuracy" in md and "Perplexity" in md
+    assert "Per-window perplexity" in md and "Cost against the full cache" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -88,10 +90,27 @@ def test_files_and_tables(study):
     assert all(len(w) == LENGTH and w[0] == 1 for w in windows)  # the tiny tokenizer's BOS
     assert ppl["byte_level"] and ppl["sanity"]["max_abs_diff"] <= ppl["sanity"]["tolerance"]
     # C = 6 <= sinks + 2: sink_window still runs (sinks 4 < 6); every cell is filled.
+    # The default text: the book when vLLM's dependency ships it, else the stdlib sources.
+    book = script.book_path()
+    assert ppl["text"]["source"].startswith("book") == (book is not None)
     for row in ppl["tables"]["reference"].values():
+        full = row[str(LENGTH)]
         for cell in row.values():
             assert cell["perplexity"] > 0
             assert cell["bits_per_byte"] == pytest.approx(cell["mean_nll"] / math.log(2))
+            # Spread over windows: windows have equal token counts, so the overall
+            # perplexity is the geometric mean of the per-window ones.
+            per_window = cell["window_perplexity"]
+            assert len(per_window) == WINDOWS
+            assert cell["window_ppl_min"] == min(per_window)
+            assert cell["window_ppl_max"] == max(per_window)
+            assert cell["window_ppl_std"] == pytest.approx(statistics.stdev(per_window))
+            assert cell["perplexity"] == pytest.approx(math.prod(per_window) ** (1 / WINDOWS))
+            assert cell["ratio_to_full"] == pytest.approx(cell["perplexity"] / full["perplexity"])
+            ratios = [a / b for a, b in zip(per_window, full["window_perplexity"])]
+            assert cell["window_ratio_min"] == pytest.approx(min(ratios))
+            assert cell["window_ratio_max"] == pytest.approx(max(ratios))
+        assert full["ratio_to_full"] == 1 and full["window_ratio_max"] == 1
 
 
 def test_full_budget_is_shared_and_matches_plain_forward(study, hf_models):
@@ -130,17 +149,95 @@ def test_probe_records(study, tiny_models):
     _, results, _ = study
     probe = results["retrieval"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama_gqa"])
-    assert probe["num_probes"] == 3
+    assert probe["num_probes"] == 3 and probe["format"] == "passkey"
     depths = [p["depth"] for p in probe["probes"]]
     assert depths == sorted(depths) and depths[0] < 0.5 < depths[-1]
     for p in probe["probes"]:
         assert tokenizer.decode(p["answer_ids"]) == " " + p["value"]
-        assert p["key"].startswith("k_") and len(p["value"]) == 5
+        assert p["key"] == "pass key" and len(p["value"]) == 5
     for row in probe["table"].values():
         for cell in row.values():
             assert len(cell["correct"]) == 3 and 0 <= cell["accuracy"] <= 1
-    full = {row["64"]["accuracy"] for row in probe["table"].values()}
+    full = {row["384"]["accuracy"] for row in probe["table"].values()}
     assert full == {probe["full_accuracy"]}
+    assert "full cache:" in (study[2] / "results.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["passkey", "kv"])
+def test_probe_prompts(study, tiny_models, fmt):
+    """Both probe formats: the prompt holds the answer once, after the queried item, and
+    ends in the question; the queried depth spreads over the prompt."""
+    from transformers import AutoTokenizer
+
+    script = study[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama_gqa"])
+    args = script.parse_args(["--model", "x", "--probe-format", fmt, "--num-probes", "4",
+                              "--probe-length", "600"])
+    probes = script.build_probes(tokenizer, args)
+    assert len(probes) == 4 and len({p["value"] for p in probes}) == 4
+    for p in probes:
+        prompt = tokenizer.decode(p["prompt_ids"][1:])  # after the BOS
+        assert abs(len(p["prompt_ids"]) - 600) < 120
+        assert tokenizer.decode(p["answer_ids"]) == " " + p["value"]
+        if fmt == "passkey":
+            assert prompt.count(p["value"]) == 2  # "The pass key is K. ... K is the pass key."
+            assert prompt.endswith(script.PASSKEY_QUESTION)
+            needle = prompt.index(script.PASSKEY_NEEDLE.format(key=p["value"]))
+            assert needle == p["index"] * len(script.PASSKEY_FILLER)
+        else:
+            assert prompt.count(f"{p['key']} = {p['value']}\n") == 1
+            assert prompt.endswith(f"assert {p['key']} ==")
+    depths = [p["depth"] for p in probes]
+    assert depths == sorted(depths) and depths[0] < 0.3 and depths[-1] > 0.7
+
+
+def test_windows_spread_and_book_text(study, tmp_path):
+    script = study[0]
+    ids = list(range(100))
+    assert script.make_windows(ids, 3, 11, bos=None) == [ids[0:11], ids[11:22], ids[22:33]]
+    spread = script.make_windows(ids, 3, 11, bos=-1, spread=True)
+    assert spread == [[-1] + ids[0:10], [-1] + ids[33:43], [-1] + ids[66:76]]
+    # A fixed stride: fewer windows are the first ones of the spread.
+    assert script.make_windows(ids, 2, 11, bos=-1, stride=33) == spread[:2]
+    with pytest.raises(ValueError):
+        script.make_windows(ids, 4, 30, bos=None)
+    with pytest.raises(ValueError):
+        script.make_windows(ids, 2, 11, bos=None, stride=10)  # overlapping
+    book = tmp_path / "book.txt"
+    book.write_text("Produced by volunteers.\n\nOPTICKS:\n\nOR, A TREATISE\n")
+    assert script.book_text(book) == "OPTICKS:\n\nOR, A TREATISE\n"
+    found = script.book_path()
+    assert found is None or found.name == "Isaac.Newton-Opticks.txt"
+
+
+def test_cell_cache_and_ppl_chunk(tiny_models, tmp_path):
+    """--cell-cache: a second run reads every cell back (a tampered cell shows through);
+    --ppl-chunk K: the cells are teacher_forced_logprobs with prompt_chunk=K."""
+    from transformers import AutoModelForCausalLM
+    from tova_vllm.reference import teacher_forced_logprobs
+
+    script = _load_script()
+    argv = ["--model", str(tiny_models["llama_gqa"]), "--length", "40", "--num-windows", "1",
+            "--budgets", "1/4,full", "--policies", "tova", "--ppl-chunk", "4",
+            "--num-probes", "2", "--probe-length", "200", "--probe-chunk", "8",
+            "--device", "cpu", "--cell-cache", str(tmp_path / "cells")]
+    first = script.main(argv + ["--out", str(tmp_path / "a")])
+    cell = first["perplexity"]["tables"]["reference"]["tova"]["10"]
+    window = first["perplexity"]["window_token_ids"][0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama_gqa"],
+                                                 attn_implementation="eager").eval()
+    want = -teacher_forced_logprobs(model, window, cache_size=10, prompt_chunk=4).double()
+    assert cell["mean_nll"] == pytest.approx(float(want.mean()), rel=1e-6)
+    assert "every 4 tokens" in (tmp_path / "a" / "results.md").read_text()
+
+    nll_files = sorted((tmp_path / "cells").glob("*.pt"))
+    probe_files = sorted((tmp_path / "cells").glob("*.json"))
+    assert len(nll_files) == 2 and len(probe_files) == 2 * 2  # (1/4, full) x 2 probes
+    for f in nll_files:  # zero NLL: perplexity 1 if (and only if) the file is read back
+        torch.save(torch.zeros_like(torch.load(f)), f)
+    second = script.main(argv + ["--out", str(tmp_path / "b"), "--sanity-tol", "100"])
+    assert second["perplexity"]["tables"]["reference"]["tova"]["10"]["perplexity"] == 1.0
+    assert second["retrieval"]["table"] == first["retrieval"]["table"]
 
 
 def test_budget_parsing(study):
