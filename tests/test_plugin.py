@@ -150,3 +150,21 @@ def test_sliding_window_model_is_rejected_naming_the_layer_kind(tiny_models, tmp
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(IncompatibleWithTova, match="sliding-window attention"):
         LLM(model=str(model_dir), additional_config={"tova": {"cache_size": 8}})
+
+
+def test_layer_reading_another_layers_kv_cache_is_refused(tiny_models):
+    """Cross-layer KV sharing: the sharing layer would evict its target's cache a second
+    time, so TOVA refuses the layer when it is built (before any memory is planned)."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+
+    from tova_vllm.engine.cpu_backend import TovaCPUImpl
+    from tova_vllm.engine.layer_setup import UnsupportedLayerError
+
+    config = VllmConfig(model_config=ModelConfig(model=str(tiny_models["llama_gqa"]),
+                                                 dtype="float32"),
+                        additional_config={"tova": {"cache_size": 8}})
+    with set_current_vllm_config(config):
+        with pytest.raises(UnsupportedLayerError, match="KV cache shared between layers"):
+            TovaCPUImpl(num_heads=8, head_size=32, scale=0.1, num_kv_heads=2,
+                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto",
+                        kv_sharing_target_layer_name="model.layers.0.self_attn.attn")

@@ -48,6 +48,9 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
             ("logit soft-capping", bool(self.logits_soft_cap)),
             ("sliding-window attention", self.sliding_window != -1),
             ("a quantized KV cache", self.is_fp8_kv_cache),
+            # Each layer evicts its own cache by its own scores; a layer reading another
+            # layer's cache would evict it a second time.
+            ("a KV cache shared between layers", self.kv_sharing_target_layer_name is not None),
         )
 
     def _make_evictor(self, layer, kv_cache) -> CpuEvictor:

@@ -74,6 +74,7 @@ class TovaFlashAttentionImpl(TovaImplMixin, FlashAttentionImpl):
             ("sliding-window attention", tuple(self.sliding_window) != (-1, -1)),
             ("a quantized KV cache", str(self.kv_cache_dtype).startswith("fp8")),
             ("decode context parallelism", getattr(self, "dcp_world_size", 1) > 1),
+            ("a KV cache shared between layers", self.kv_sharing_target_layer_name is not None),
         )
 
     def _make_evictor(self, layer, kv_cache) -> PagedEvictor:
