@@ -23,8 +23,8 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from tova_vllm.engine.cpu_evictor import copy_slots, gather, slot_elements
-from tova_vllm.engine.cpu_layout import _BASE, _decode_half, probe_page_layout
+from tova_vllm.engine.cpu_evictor import copy_slots, slot_elements
+from tova_vllm.engine.cpu_layout import _BASE, HalfPageLayout, _decode_half, probe_page_layout
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -66,6 +66,19 @@ def _isa_layout(dtype, block_size, head_size):
 def _write(key, value, key_cache, value_cache, slots, isa):
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
                                    k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+
+def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
+           block_offsets: torch.Tensor) -> torch.Tensor:
+    """The test's reader: K (or V) of the cache positions given as ``[E, S]`` blocks and in-block offsets.
+
+    ``pages`` is the layer cache viewed ``[num_blocks, kv_heads, 2 * bs, D]``; returns
+    ``[E, kv_heads, S, D]``.
+    """
+    heads = torch.arange(pages.shape[1]).view(1, -1, 1, 1)
+    rows = half.rows[block_offsets].unsqueeze(1)  # [E, 1, S, D]
+    cols = half.cols[block_offsets].unsqueeze(1)
+    return pages[block_ids[:, None, :, None], heads, rows, cols]
 
 
 def _gather_slots(pages, layout, slots):

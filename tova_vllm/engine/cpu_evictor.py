@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels.torch_ref import decode_moves
-from ..policies import gqa_logits, head_summed_probs_from_logits, position_to_drop
-from .cpu_layout import HalfPageLayout, PageLayout, probe_page_layout
+from ..policies import head_summed_probs_from_logits, position_to_drop
+from .cpu_layout import PageLayout, probe_page_layout
 from .evictor import AllReduce, Evictor
 from .plan import EvictionBatch, QueryBatch
 
@@ -121,19 +121,6 @@ def copy_slots(pages: torch.Tensor, elements: torch.Tensor, src_slots: torch.Ten
     flat[slot_index(elements, dst_slots, pages)] = flat[slot_index(elements, src_slots, pages)]
 
 
-def gather(pages: torch.Tensor, half: HalfPageLayout, block_ids: torch.Tensor,
-           block_offsets: torch.Tensor) -> torch.Tensor:
-    """K (or V) of the cache positions given as ``[E, S]`` blocks and in-block offsets.
-
-    ``pages`` is the layer cache viewed ``[num_blocks, kv_heads, 2 * bs, D]``; returns
-    ``[E, kv_heads, S, D]``.
-    """
-    heads = torch.arange(pages.shape[1]).view(1, -1, 1, 1)
-    rows = half.rows[block_offsets].unsqueeze(1)  # [E, 1, S, D]
-    cols = half.cols[block_offsets].unsqueeze(1)
-    return pages[block_ids[:, None, :, None], heads, rows, cols]
-
-
 def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.Tensor,
                       block_offsets: torch.Tensor, query: torch.Tensor, scale: float,
                       block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -176,13 +163,7 @@ def logits_from_key_blocks(blocks: torch.Tensor, layout: PageLayout, query: torc
     kind = layout.key_kind
     if kind == "other" and layout.key_tiles is not None and layout.key_tiles[1] == (0, 2, 1, 3):
         return _logits_from_amx_tiles(raw, layout.key_tiles[0], query, scale, width)
-    if kind == "other" and layout.key_tiles is not None:
-        # Tiles (AMX): a permuted view of the copied blocks, made contiguous, is K in rows.
-        storage, order = layout.key_tiles
-        raw = (raw.view(num, kv_heads, *storage).permute(0, 1, *(a + 2 for a in order))
-               .reshape(num, kv_heads, block_size, head_size))
-        kind = "rows"
-    elif kind == "other":
+    if kind == "other":
         # Any other permutation: one gather per copied block puts K in row order.
         raw = torch.index_select(raw.view(num, kv_heads, -1), 2, layout.key_order)
         kind = "rows"

@@ -12,7 +12,6 @@ No vLLM import.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -112,11 +111,8 @@ class Evictor:
         """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
         ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
         whose cache is ``kv_caches[l]``; every row uses TOVA's score and drops one token.
-        Platforms override this to batch the layers; this fallback evicts one by one."""
-        rows = torch.arange(queries[0].shape[0], device=queries[0].device)
-        layer_ev = dataclasses.replace(ev, query_index=rows)
-        for query, kv_cache in zip(queries, kv_caches):
-            self.evict(query, kv_cache, layer_ev)
+        Only platforms whose builder sets ``batches_layers`` are asked."""
+        raise NotImplementedError
 
     def accumulate(self, query: torch.Tensor, kv_cache, batch: QueryBatch,
                    side: SlotSideState) -> None:

@@ -62,8 +62,8 @@ class TovaPhasedBuilder:
         self.tova_spec = kv_cache_spec if isinstance(kv_cache_spec, TovaSpec) else None
         self.settings = settings_from_additional_config(vllm_config.additional_config)
         self.num_layers = len(layer_names)
-        self.batch_layers = (self.batches_layers
-                             and os.environ.get("TOVA_VLLM_LAYER_BATCH", "1") != "0")
+        self._layer_batch_on = (self.batches_layers
+                                and os.environ.get("TOVA_VLLM_LAYER_BATCH", "1") != "0")
         self._last_layer_batch: Optional[LayerBatch] = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -85,7 +85,7 @@ class TovaPhasedBuilder:
                                        host_table, side_state, device) for phase in plan]
         layer_batch = None
         last = phases[-1]
-        if (self.batch_layers and len(phases) == 1 and last.evictions is not None
+        if (self._layer_batch_on and len(phases) == 1 and last.evictions is not None
                 and last.evictions.one_drop_each and last.eviction_groups is None
                 and last.accumulate is None and not side_state):
             layer_batch = self._last_layer_batch = LayerBatch(last.evictions, self.num_layers)
