@@ -108,9 +108,13 @@ def test_sigterm_with_streams_in_flight_leaves_nothing(tiny_models, tmp_path, st
     assert not channel.exists(), server.tail()
     for outcome in outcomes:
         assert outcome["status"] == 200 and outcome["events"] > 0, outcome
-        # Cut short and never reported as complete: no further event, no [DONE]; the
-        # client's read timeout ends it.
-        assert not outcome.get("done") and outcome.get("exception") == "TimeoutError", outcome
+        # Never reported as complete.  Which of two ways it ends is a race inside vLLM:
+        # usually the stream is cut (no further event, no [DONE]; the client's read
+        # timeout ends it), but when the engine core's death reaches the API server
+        # first, the stream gets an error event, then [DONE].
+        cut = not outcome.get("done") and outcome.get("exception") == "TimeoutError"
+        failed = outcome.get("error_event") and outcome.get("done")
+        assert cut or failed, outcome
 
 
 def test_killed_engine_core_leaves_nothing(tiny_models, tmp_path, stopped):
