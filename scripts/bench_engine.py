@@ -28,13 +28,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, long_after=0):
+def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, long_after=0,
+            prefix_caching=True):
     from engine_harness import make_llm, run, shutdown
 
     print(f"[bench] {len(requests)} requests, TOVA settings {tova or 'none (vanilla)'} ...",
           file=sys.stderr, flush=True)
     llm = make_llm(model_dir, tova, block_size=block_size, num_blocks=blocks,
-                   max_model_len=max_model_len, max_num_batched_tokens=2048, max_num_seqs=256)
+                   max_model_len=max_model_len, max_num_batched_tokens=2048, max_num_seqs=256,
+                   enable_prefix_caching=prefix_caching)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     stats = {"peak_blocks": 0, "max_decoding": 0, "preemptions": 0, "decode_step_s": []}
     original_preempt = scheduler._preempt_request
@@ -106,6 +108,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--policies", default="tova",
                         help="comma-separated eviction policies to measure at --cache-size")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="every engine, vanilla too, without prefix caching (TOVA then "
+                        "evicts in place instead of copy-on-write)")
     args = parser.parse_args()
     policies = [p for p in args.policies.split(",") if p]
 
@@ -124,7 +129,7 @@ def main() -> None:
         model = args.model or build_tiny_model(args.arch, Path(tmp) / args.arch)
         long_after = args.prompt + args.max_tokens // 2
         common = dict(blocks=args.blocks, block_size=bs, max_model_len=max_model_len,
-                      long_after=long_after)
+                      long_after=long_after, prefix_caching=args.prefix_caching)
         rows = {"vanilla": measure(model, None, requests, **common)}
         # The ceiling: vanilla with a pool that holds every request at full length.
         per_request = -(-(args.prompt + args.max_tokens) // bs)
@@ -135,7 +140,8 @@ def main() -> None:
                 model, {"cache_size": args.cache_size, "policy": policy}, requests, **common)
         rows["TOVA C>=len (no eviction)"] = measure(model, {"cache_size": max_model_len},
                                                     requests, **common)
-        big = dict(blocks=4096, block_size=bs, max_model_len=1024)
+        big = dict(blocks=4096, block_size=bs, max_model_len=1024,
+                   prefix_caching=args.prefix_caching)
         step_vanilla = measure(model, None, step_requests, **big)
         step_policy = {
             policy: measure(model, {"cache_size": args.cache_size, "policy": policy},
@@ -145,7 +151,8 @@ def main() -> None:
 
     print(f"\nworkload: {args.requests} requests x (prompt {args.prompt} + {args.max_tokens} "
           f"generated), pool {args.blocks - 1} usable blocks of {bs} tokens, "
-          f"model {args.model or args.arch}")
+          f"model {args.model or args.arch}, prefix caching "
+          f"{'on (TOVA: copy-on-write)' if args.prefix_caching else 'off'}")
     print(f"{'engine':<28}{'out tok/s':>10}{'x vanilla':>10}{'peak blocks':>12}"
           f"{'max at >' + str(long_after) + ' tok':>17}{'preemptions':>12}")
     base = rows["vanilla"]["tokens_per_s"]

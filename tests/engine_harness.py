@@ -31,6 +31,8 @@ class RunResult:
     logprobs: dict[int, list[float]] = field(default_factory=dict)
     max_running: int = 0
     steps: int = 0
+    #: Prompt tokens each request read from the prefix cache (vLLM's num_cached_tokens).
+    cached: dict[int, int] = field(default_factory=dict)
 
 
 def random_prompts(lengths: Sequence[int], seed: int = 0) -> list[tuple[int, ...]]:
@@ -98,6 +100,7 @@ def run(llm, requests: Sequence[Req], *, logprobs: bool = False,
             if out.finished:
                 completion = out.outputs[0]
                 result.tokens[int(out.request_id)] = list(completion.token_ids)
+                result.cached[int(out.request_id)] = out.num_cached_tokens or 0
                 if logprobs:
                     result.logprobs[int(out.request_id)] = [
                         lp[tok].logprob for lp, tok in zip(completion.logprobs, completion.token_ids)
@@ -129,11 +132,16 @@ def preemption_workload(extra_args: Optional[dict] = None) -> list[Req]:
         random_prompts((10, 110, 120, 100), seed=4), (150, 100, 100, 60), (0, 1, 2, 3))]
 
 
-def run_with_preemption_log(model_dir, requests: Sequence[Req], cache_size: int
+def run_with_preemption_log(model_dir, requests: Sequence[Req], cache_size: int,
+                            num_blocks: int = 11, **llm_kwargs
                             ) -> tuple[RunResult, list[str]]:
-    """Run ``requests`` in an 11-block pool; also return the ids of requests preempted
-    after their eviction had started."""
-    llm = make_llm(model_dir, {"cache_size": cache_size}, num_blocks=11, max_model_len=320)
+    """Run ``requests`` in a pool of ``num_blocks`` blocks (11 by default); also return the
+    ids of requests preempted after their eviction had started.  Prefix caching is off
+    unless asked for: copy-on-write's first eviction needs more than 11 blocks at
+    max_model_len 320 (``policies.peak_table_blocks``)."""
+    llm_kwargs.setdefault("enable_prefix_caching", False)
+    llm = make_llm(model_dir, {"cache_size": cache_size}, num_blocks=num_blocks,
+                   max_model_len=320, **llm_kwargs)
     scheduler = scheduler_of(llm)
     original = scheduler._preempt_request
     preempted: list[str] = []

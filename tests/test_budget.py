@@ -23,10 +23,12 @@ def _args(model_dir, prompt_len, max_tokens, *extra):
         "--prompt-len", str(prompt_len), "--max-tokens", str(max_tokens), *extra])
 
 
-def test_budget_matches_engine(tiny_models):
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix_caching", "no_caching"])
+def test_budget_matches_engine(caching, tiny_models):
     model = tiny_models["llama_gqa"]
     llm = make_llm(model, {"cache_size": CACHE_SIZE}, block_size=BLOCK_SIZE,
-                   num_blocks=NUM_BLOCKS, max_model_len=MAX_LEN, max_num_batched_tokens=256)
+                   num_blocks=NUM_BLOCKS, max_model_len=MAX_LEN, max_num_batched_tokens=256,
+                   enable_prefix_caching=caching)
     try:
         scheduler = scheduler_of(llm)
         manager = kv_manager(scheduler)
@@ -46,7 +48,8 @@ def test_budget_matches_engine(tiny_models):
         shutdown(llm)
 
     for i, (prompt_len, gen) in enumerate(REQUESTS):
-        report = plan(_args(model, prompt_len, gen))
+        report = plan(_args(model, prompt_len, gen,
+                            *(() if caching else ("--no-enable-prefix-caching",))))
         blocks = seen[i]
         assert max(blocks) == report.tova.peak_blocks, (i, blocks)
         assert blocks[-1] == report.tova.decode_blocks, (i, blocks)
@@ -56,15 +59,23 @@ def test_budget_matches_engine(tiny_models):
 
 
 def test_budget_chunked_and_vanilla_arithmetic(tiny_models):
-    # chunked: peak C + prompt_chunk during the prompt, C + 1 while decoding
+    # chunked, in place: peak C + prompt_chunk during the prompt, C + 1 while decoding
     report = plan(_args(tiny_models["llama_gqa"], 200, 30, "--prompt-mode", "chunked",
-                        "--prompt-chunk", "32"))
+                        "--prompt-chunk", "32", "--no-enable-prefix-caching"))
     assert report.tova.peak_blocks == -(-(CACHE_SIZE + 32) // BLOCK_SIZE)
     assert report.tova.decode_blocks == -(-(CACHE_SIZE + 1) // BLOCK_SIZE)
     assert report.tova_startup_blocks == -(-(CACHE_SIZE + 32) // BLOCK_SIZE)
     assert report.vanilla.decode_blocks == -(-(200 + 29) // BLOCK_SIZE)
     assert report.vanilla_startup_blocks == MAX_LEN // BLOCK_SIZE
     assert report.fit(report.tova) == (NUM_BLOCKS - 1) // report.tova.decode_blocks
+    # Copy-on-write (prefix caching on, vLLM's default): the first eviction (at 64, the
+    # first chunk boundary past C) gathers into private blocks, which then hold up to
+    # C + prompt_chunk positions, while the 64 ordinary positions are still held.
+    cow = plan(_args(tiny_models["llama_gqa"], 200, 30, "--prompt-mode", "chunked",
+                     "--prompt-chunk", "32"))
+    assert cow.tova.peak_blocks == 2 + 2
+    assert cow.tova.decode_blocks == report.tova.decode_blocks
+    assert cow.tova_startup_blocks == 2 + 2
 
 
 def test_budget_cli(tiny_models):

@@ -51,6 +51,13 @@ def test_spec_asked_before_any_layer_is_an_order_error(monkeypatch):
     tova_spec = customize_tova_spec(spec)
     assert isinstance(tova_spec, TovaSpec) and tova_spec.tova_cache_size == CACHE_SIZE
     assert tova_spec.page_size_bytes == spec.page_size_bytes
+    assert not tova_spec.tova_copy_on_write
+
+    # Prefix caching on: the spec says so, for the scheduler's manager and the builder.
+    handoff.worker_settings.publish(
+        settings_from_additional_config({"tova": {"cache_size": CACHE_SIZE}}),
+        copy_on_write=True)
+    assert customize_tova_spec(spec).tova_copy_on_write
 
 
 # ------------------------------------------------------------------ step runner
@@ -105,9 +112,9 @@ def engine_events(tiny_models):
     settings, runner = handoff.worker_settings, handoff.step_runner
     publish, read = settings.publish, settings.read
 
-    def recording_publish(value):
+    def recording_publish(value, **kwargs):
         events.append(("publish settings", value))
-        publish(value)
+        publish(value, **kwargs)
 
     def recording_read():
         value = read()

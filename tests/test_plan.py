@@ -8,6 +8,10 @@ or in ``chunked`` mode ``b % prompt_chunk == 0``) and ``live > cache_size``, the
 query scores the cache and ``live`` drops back to ``cache_size``.  A request's new tokens
 are cut after each eviction; phase k holds every request's k-th piece.
 
+With copy-on-write (prefix caching on), the model also tracks each request's *block
+base*: 0 until its first eviction, whose survivors go to the blocks from
+``ceil(tokens processed / block_size)`` on, where its cache lives from then on.
+
 Block tables are hand-made: every entry is a distinct, shuffled physical block id (none is
 0), so reading the wrong row or the wrong column of the table changes a slot.
 """
@@ -38,6 +42,8 @@ class Piece:
     new_tokens: list[int]  # index among the request's new tokens
     positions: list[int]  # cache position each of them is written to
     evict: Optional[tuple[int, int]]  # (live before the eviction, keep) or None
+    base: int = 0  # block index of cache position 0 while the piece is written
+    dest_base: int = 0  # the block base the eviction's survivors land at
 
 
 def _boundary(req: RequestStep, processed: int) -> bool:
@@ -46,33 +52,49 @@ def _boundary(req: RequestStep, processed: int) -> bool:
     return req.prompt_chunk is not None and processed % req.prompt_chunk == 0
 
 
-def _simulate(req: RequestStep) -> list[Piece]:
-    live = 0
+def _simulate(req: RequestStep, block_size: int = 1, cow: bool = False) -> list[Piece]:
+    live = base = 0
+    evicted = False
+
+    def dropped(processed: int) -> int:  # the block base after an eviction
+        nonlocal evicted
+        if cow and not evicted:
+            evicted = True
+            return -(-processed // block_size)
+        return base
+
     for n in range(req.num_computed):  # replay what earlier steps did
         live += 1
         if _boundary(req, n + 1) and live > req.cache_size:
-            live = req.cache_size
+            live, base = req.cache_size, dropped(n + 1)
     pieces, tokens, positions = [], [], []
     for i in range(req.num_new):
         tokens.append(i)
         positions.append(live)
         live += 1
-        if _boundary(req, req.num_computed + i + 1) and live > req.cache_size:
-            pieces.append(Piece(tokens, positions, (live, req.cache_size)))
-            live = req.cache_size
+        processed = req.num_computed + i + 1
+        if _boundary(req, processed) and live > req.cache_size:
+            dest = dropped(processed)
+            pieces.append(Piece(tokens, positions, (live, req.cache_size), base, dest))
+            live, base = req.cache_size, dest
             tokens, positions = [], []
     if tokens:
-        pieces.append(Piece(tokens, positions, None))
+        pieces.append(Piece(tokens, positions, None, base, base))
     return pieces
 
 
-def _positions_needed(req: RequestStep) -> int:
-    """Cache positions the request ever touches up to the end of this step."""
-    return 1 + max(p for piece in _simulate(req) for p in piece.positions)
+def _entries_needed(req: RequestStep, block_size: int, cow: bool) -> int:
+    """Block-table entries the request ever touches up to the end of this step."""
+    need = 1
+    for piece in _simulate(req, block_size, cow):
+        need = max(need, piece.base + 1 + max(piece.positions) // block_size)
+        if piece.evict is not None:
+            need = max(need, piece.dest_base + -(-piece.evict[1] // block_size))
+    return need
 
 
-def _block_table(requests, block_size: int, seed: int) -> torch.Tensor:
-    width = max(-(-_positions_needed(r) // block_size) for r in requests) + 1
+def _block_table(requests, block_size: int, seed: int, cow: bool = False) -> torch.Tensor:
+    width = max(_entries_needed(r, block_size, cow) for r in requests) + 1
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randperm(len(requests) * width * 3, generator=gen)[: len(requests) * width] + 1
     return ids.view(len(requests), width).to(torch.int32)
@@ -81,20 +103,21 @@ def _block_table(requests, block_size: int, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the check
 
 
-def _check_plan(requests: list[RequestStep], block_size: int, seed: int = 0):
+def _check_plan(requests: list[RequestStep], block_size: int, seed: int = 0,
+                cow: bool = False):
     """Plan the step, compare every field with the simulator, return the phases."""
-    table = _block_table(requests, block_size, seed)
+    table = _block_table(requests, block_size, seed, cow)
     table_before = table.clone()
-    phases = plan_step(requests, table, block_size)
+    phases = plan_step(requests, table, block_size, copy_on_write=cow)
     assert torch.equal(table, table_before), "plan_step modified the block table"
 
-    def slot(row: int, pos: int) -> int:
-        return int(table[row, pos // block_size]) * block_size + pos % block_size
+    def slot(row: int, pos: int, base: int = 0) -> int:
+        return int(table[row, base + pos // block_size]) * block_size + pos % block_size
 
     token_start = [0]
     for r in requests:
         token_start.append(token_start[-1] + r.num_new)
-    pieces = [_simulate(r) for r in requests]
+    pieces = [_simulate(r, block_size, cow) for r in requests]
     num_phases = max(len(p) for p in pieces)
     assert len(phases) == num_phases
 
@@ -124,9 +147,17 @@ def _check_plan(requests: list[RequestStep], block_size: int, seed: int = 0):
         assert phase.cache_lens.dtype == torch.int32
         assert phase.cache_lens.tolist() == [pc.positions[-1] + 1 for pc in mine], f"phase {k}"
 
-        slots = [slot(row, pos) for row, pc in zip(rows, mine) for pos in pc.positions]
+        slots = [slot(row, pos, pc.base) for row, pc in zip(rows, mine) for pos in pc.positions]
         assert phase.slots.dtype == torch.long
         assert phase.slots.tolist() == slots, f"phase {k}"
+        # The attention reads each row's blocks from its base on.
+        if any(pc.base for pc in mine):
+            assert phase.block_table is not None and phase.block_table.dtype == torch.int32
+            for row, pc in zip(rows, mine):
+                entries = table.shape[1] - pc.base
+                assert torch.equal(phase.block_table[row, :entries], table[row, pc.base:])
+        else:
+            assert phase.block_table is None, f"phase {k}"
 
         evicting = [(row, pc) for row, pc in zip(rows, mine) if pc.evict is not None]
         ev = phase.evictions
@@ -140,16 +171,26 @@ def _check_plan(requests: list[RequestStep], block_size: int, seed: int = 0):
         keep = [pc.evict[1] for _, pc in evicting]
         assert ev.live.tolist() == live and ev.live_list == live
         assert ev.keep.tolist() == keep and ev.keep_list == keep
-        assert ev.one_drop_each == all(lv == kp + 1 for lv, kp in zip(live, keep))
+        relocating = [pc.dest_base != pc.base for _, pc in evicting]
+        assert ev.one_drop_each == (all(lv == kp + 1 for lv, kp in zip(live, keep))
+                                    and not any(relocating))
+        if any(relocating):
+            assert ev.relocate.tolist() == relocating
+            for e, (row, pc) in enumerate(evicting):
+                assert ev.dest_slots[e, : pc.evict[1]].tolist() == [
+                    slot(row, d, pc.dest_base) for d in range(pc.evict[1])], f"row {row}"
+        else:
+            assert ev.relocate is None and ev.dest_slots is None
         width = max(live)
         assert tuple(ev.block_ids.shape) == (len(evicting), width)
         assert tuple(ev.block_offsets.shape) == (len(evicting), width)
         for e, (row, pc) in enumerate(evicting):
             ids, offs = ev.block_ids[e].tolist(), ev.block_offsets[e].tolist()
             for s in range(pc.evict[0]):
-                assert ids[s] * block_size + offs[s] == slot(row, s), f"phase {k} row {row} s {s}"
+                assert ids[s] * block_size + offs[s] == slot(row, s, pc.base), \
+                    f"phase {k} row {row} s {s}"
             # Padding past ``live`` must still address this row's own memory.
-            row_blocks = set(table[row, : -(-pc.evict[0] // block_size)].tolist())
+            row_blocks = set(table[row, pc.base: pc.base + -(-pc.evict[0] // block_size)].tolist())
             for s in range(pc.evict[0], width):
                 assert ids[s] in row_blocks and 0 <= offs[s] < block_size
 
@@ -325,6 +366,23 @@ def _random_request(rng: random.Random) -> RequestStep:
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_copy_on_write_plan_matches_model(case, block_size):
+    _check_plan(CASES[case], block_size, seed=sorted(CASES).index(case), cow=True)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_copy_on_write_first_eviction_relocates(block_size):
+    # The prompt's end (45 > C) and a decode row's C + 1-th token: both first evictions.
+    # A third row has evicted before: it reads and writes from its private blocks.
+    requests = [_req(0, 45, 45, 16), _req(16, 1, 10, 16), _req(60, 1, 30, 16)]
+    (phase,) = _check_plan(requests, block_size, cow=True)
+    assert phase.evictions.relocate.tolist() == [True, True, False]
+    assert not phase.evictions.one_drop_each
+    assert phase.block_table is not None  # row 2 reads from block ceil(30 / bs) on
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("seed", range(4))
 def test_random_batches_match_model(block_size, seed):
     rng = random.Random(1000 * seed + block_size)
@@ -334,7 +392,7 @@ def test_random_batches_match_model(block_size, seed):
         if rng.random() < 0.5:  # vLLM batches share one budget and one prompt mode
             c, k = requests[0].cache_size, requests[0].prompt_chunk
             requests = [_req(r.num_computed, r.num_new, r.prompt_len, c, k) for r in requests]
-        phases = _check_plan(requests, block_size, seed=trial)
+        phases = _check_plan(requests, block_size, seed=trial, cow=rng.random() < 0.5)
         multi_phase += len(phases) > 1
         single_drop += any(p.evictions is not None and p.evictions.one_drop_each for p in phases)
     # The generator must actually exercise both regimes.

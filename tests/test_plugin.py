@@ -77,14 +77,22 @@ def test_quantized_kv_cache_is_rejected(tiny_models):
             additional_config={"tova": {"cache_size": 8}})
 
 
-def test_prefix_caching_is_turned_off(tiny_models):
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_caching_stays_as_set(caching, tiny_models):
+    """TOVA evicts copy-on-write when prefix caching is on, so it leaves the setting alone
+    and its start-up line says which way it runs."""
     from vllm.engine.arg_utils import EngineArgs
 
-    args = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=True,
-                      additional_config={"tova": {"cache_size": 8}})
-    assert args.create_engine_config().cache_config.enable_prefix_caching is False
-    vanilla = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=True)
-    assert vanilla.create_engine_config().cache_config.enable_prefix_caching is True
+    from tova_vllm.config import settings_from_additional_config
+    from tova_vllm.engine.config_check import startup_line
+
+    tova = {"tova": {"cache_size": 8}}
+    args = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=caching,
+                      additional_config=tova)
+    assert args.create_engine_config().cache_config.enable_prefix_caching is caching
+    line = startup_line(settings_from_additional_config(tova), caching)
+    assert ("prefix caching on (copy-on-write" in line) == caching, line
+    assert ("prefix caching off" in line) != caching, line
 
 
 def test_version_gate(monkeypatch):

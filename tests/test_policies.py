@@ -109,6 +109,43 @@ def test_schedule_matches_token_by_token_model(cache_size, prompt_len, prompt_ch
     assert segs[0][0] == 0 and segs[-1][1] == total
     assert all(a[1] == b[0] for a, b in itertools.pairwise(segs))
     assert all(evicts or e == total for _, e, evicts in segs)
+    # Copy-on-write starts at the first eviction; the block base moves there, once.
+    assert s.first_eviction() == (evictions[0] if evictions else s.first_eviction())
+    if evictions:
+        for block_size in (1, 4, 32):
+            base = -(-evictions[0] // block_size)
+            assert [s.private_base(n, block_size) for n in range(total + 1)] == [
+                base if n >= evictions[0] else 0 for n in range(total + 1)]
+
+
+@pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
+@pytest.mark.parametrize("block_size", (1, 4, 32))
+def test_table_blocks_cover_every_position_written(cache_size, prompt_len, prompt_chunk,
+                                                   block_size):
+    """``table_blocks`` (what the KV manager allocates) is the highest block-table entry a
+    stretch of tokens writes or gathers into, from the token-by-token model: in place,
+    cache positions count from entry 0; copy-on-write, from the block base, and the first
+    eviction's survivors land at the new base."""
+    total = prompt_len + 12
+    after, evictions, peak_at = _simulate(cache_size, prompt_len, prompt_chunk, total)
+    s = EvictionSchedule(cache_size, prompt_len, prompt_chunk)
+    first = evictions[0] if evictions else None
+
+    def entries(n: int, cow: bool) -> int:  # entries token n (0-based) writes up to
+        base = -(-first // block_size) if cow and first is not None and n >= first else 0
+        need = base + -(-peak_at[n] // block_size)
+        if cow and first is not None and n + 1 == first:
+            need = max(need, -(-first // block_size) + -(-cache_size // block_size))
+        return need
+
+    for cow in (False, True):
+        for start in range(0, total, 7):
+            for num_new in sorted({1, min(5, total - start), total - start}):
+                want = max(entries(n, cow) for n in range(start, start + num_new))
+                base = -(-first // block_size) if cow and first and start >= first else 0
+                want = max(want, base + -(-after[start] // block_size))
+                assert s.table_blocks(start, num_new, block_size, cow) == want, (
+                    cow, start, num_new)
 
 
 @pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
@@ -273,6 +310,22 @@ def test_prompt_eviction_moves_equal_the_per_row_rules(seed):
         assert torch.equal(src[mine], want_src) and torch.equal(dst[mine], want_dst), e
         total += want_src.numel()
     assert int((row >= 0).sum()) == total and bool(((row == -1) | (row >= 0)).all())
+
+    # Copy-on-write: relocating rows move every survivor, to the cache position compaction
+    # gives it (the same layout as in place); the other rows move as in place.
+    relocate = torch.rand(rows, generator=g) < 0.5
+    src, dst, row = prompt_eviction_moves(scores, live, keep, max_keep, relocate)
+    for e in range(rows):
+        kept = positions_to_keep(scores[e, : live[e]], int(keep[e]))
+        want_src, want_dst = compaction_moves(kept, int(keep[e]))
+        layout = {int(p): int(p) for p in kept if p < keep[e]}
+        layout.update({int(d): int(p) for p, d in zip(want_src, want_dst)})
+        mine = row == e
+        moves = set(zip(src[mine].tolist(), dst[mine].tolist()))
+        if relocate[e]:
+            assert moves == {(p, d) for d, p in layout.items()}, e
+        else:
+            assert moves == set(zip(want_src.tolist(), want_dst.tolist())), e
 
 
 # --------------------------------------------------------------------------- baselines

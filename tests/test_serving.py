@@ -286,7 +286,7 @@ def test_server_log_announces_tova(server):
     assert len(lines) == 1, lines
     (line,) = lines
     for part in ("cache_size=32 tokens", "policy=tova", "prompt_mode=prompt",
-                 "prefix caching off"):
+                 "prefix caching on (copy-on-write"):
         assert part in line, line
 
 
@@ -314,6 +314,43 @@ def _settled(server, key, previous=None, timeout=20.0):
             return _tova_metrics(server)[key]
         time.sleep(0.2)
     return value
+
+
+def _vllm_counter(server, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_prefix_cache_hits_with_tova(client, server, hf_models):
+    """Prefix caching stays on (copy-on-write): the second of two equal 150-token prompts
+    reads the blocks before its first eviction (at 150: 128 tokens), vLLM's counters say
+    so, and both give the reference's tokens."""
+    import time
+
+    from tova_vllm.reference import generate
+
+    prompt = [random.Random(7).randrange(3, 97) for _ in range(150)]
+    queries = "vllm:prefix_cache_queries_total"
+    hits = "vllm:prefix_cache_hits_total"
+    before = (_vllm_counter(server, queries), _vllm_counter(server, hits))
+    outputs = [client.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY,
+                                         extra_body=EXTRA).choices[0].token_ids
+               for _ in range(2)]
+    expected = generate(hf_models[ARCH], prompt, cache_size=CACHE_SIZE,
+                        max_new_tokens=MAX_TOKENS).token_ids
+    assert outputs[0] == outputs[1] == expected
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the engine's stats reach the API server each step
+        after = (_vllm_counter(server, queries), _vllm_counter(server, hits))
+        if after[0] - before[0] >= 2 * len(prompt):
+            break
+        time.sleep(0.2)
+    assert after[0] - before[0] == 2 * len(prompt)
+    assert after[1] - before[1] == 128
 
 
 def test_metrics_count_evictions_and_saved_blocks(client, server):

@@ -177,6 +177,47 @@ def _apply_scheduler_reports_evictions(patch: str) -> None:
     _wrap(Scheduler, "__init__", make_init, patch)
 
 
+def _apply_scheduler_reads_prefix_cache_exactly(patch: str) -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from .config import resolve_request, settings_from_additional_config
+    from .engine.spec import TovaManager
+
+    def make_lookup(original):
+        def get_computed_blocks(self, request):
+            blocks, num_hit, boundary = original(self, request)
+            managers = [m for m in self.coordinator.single_type_managers
+                        if isinstance(m, TovaManager)]
+            if not num_hit or not managers:
+                return blocks, num_hit, boundary
+            limit = min(m.max_cache_hit(request) for m in managers)
+            if num_hit <= limit:
+                return blocks, num_hit, boundary
+            if limit <= 0:
+                return self.empty_kv_cache_blocks, 0, 0
+            return self.truncate_computed_blocks(blocks, limit), limit, min(boundary, limit)
+        return get_computed_blocks
+
+    def make_add_request(original):
+        def add_request(self, request):
+            if (self.kv_cache_manager.enable_caching and request.sampling_params is not None
+                    and not request.skip_reading_prefix_cache and _tova_managers(self)):
+                settings = settings_from_additional_config(self.vllm_config.additional_config)
+                _, policy = resolve_request(request.sampling_params.extra_args, settings)
+                if policy.needs_accumulated:
+                    request.skip_reading_prefix_cache = True
+                    logger.debug("tova-vllm: request %s does not read the prefix cache: its "
+                                 "policy %s accumulates the attention of every prompt query, "
+                                 "which a cache hit would skip", request.request_id,
+                                 policy.name)
+            return original(self, request)
+        return add_request
+
+    _wrap(KVCacheManager, "get_computed_blocks", make_lookup, patch)
+    _wrap(Scheduler, "add_request", make_add_request, patch)
+
+
 def _apply_runner_publishes_batch(patch: str) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -330,6 +371,23 @@ PATCHES: dict[str, RuntimePatch] = {
             removal="Upstream a plugin-extensible dict on SchedulerStats (e.g. "
             "`plugin_stats: dict[str, float]`) and report there.",
             apply=_apply_scheduler_reports_evictions,
+        ),
+        RuntimePatch(
+            name="scheduler_reads_prefix_cache_exactly",
+            stage=PLUGIN_LOAD,
+            why="With prefix caching on, a hit may cover only blocks before the request's "
+            "own first eviction: that eviction scores with the attention of the token just "
+            "before it, which a hit would skip.  vLLM caps hits at the prompt length minus "
+            "one, and find_longest_cache_hit gets no request to cap by.  Policies that "
+            "accumulate the attention of every prompt query (H2O) cannot be exact on any "
+            "hit, so such requests skip reading the cache (they still publish).",
+            touches="vllm.v1.core.kv_cache_manager.KVCacheManager.get_computed_blocks "
+            "(wrapped: the hit is truncated to TovaManager.max_cache_hit) and "
+            "vllm.v1.core.sched.scheduler.Scheduler.add_request (wrapped: sets "
+            "skip_reading_prefix_cache for accumulating policies, with a debug line)",
+            removal="Upstream a per-request cap on the hit length from the KV managers "
+            "(patches/09); TovaManager then returns its cap, and 0 for accumulating policies.",
+            apply=_apply_scheduler_reads_prefix_cache_exactly,
         ),
         RuntimePatch(
             name="runner_publishes_batch",

@@ -1,8 +1,8 @@
 """What a TOVA budget buys, before a server starts: ``python -m tova_vllm budget ...``.
 
-The block counts come from the same functions the scheduler uses (``decode_positions``,
-``peak_positions`` and ``EvictionSchedule`` in ``tova_vllm.policies``, which ``TovaSpec``
-and ``TovaManager`` call), so the figures here are the ones the engine will apply.  The
+The block counts come from the same functions the scheduler uses (``peak_table_blocks``
+and ``EvictionSchedule`` in ``tova_vllm.policies``, which ``TovaSpec`` and ``TovaManager``
+call), so the figures here are the ones the engine will apply.  The
 model is read from its ``config.json`` only: no vLLM import, no weights.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import PROMPT_MODES, TovaSettings
-from .policies import EvictionSchedule, cdiv, decode_positions, peak_positions
+from .policies import EvictionSchedule, cdiv, peak_table_blocks
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -78,17 +78,24 @@ def vanilla_need(prompt_len: int, max_tokens: int, block_size: int) -> RequestNe
 
 
 def tova_need(settings: TovaSettings, prompt_len: int, max_tokens: int,
-              block_size: int) -> RequestNeed:
-    """The scheduler's own arithmetic (TovaManager), the prompt scheduled as one chunk:
-    its peak over the prompt, then at most ceil((C + 1) / block_size) blocks while
-    decoding (every decode step is an eviction boundary)."""
+              block_size: int, copy_on_write: bool = True) -> RequestNeed:
+    """The scheduler's own arithmetic (TovaManager), step by step: the prompt scheduled as
+    one chunk, then one token per step; before each step the manager frees what
+    ``held_table`` allows for the tokens processed so far and allocates ``table_blocks``
+    entries.  While decoding a request holds at most ceil((C + 1) / block_size) blocks;
+    with copy-on-write (prefix caching on) its peak is at the first eviction."""
     schedule = EvictionSchedule(settings.cache_size, prompt_len, settings.eviction_chunk)
-    after_prompt = schedule.live_after(prompt_len)
-    decode = after_prompt + max(max_tokens - 1, 0)
-    if max_tokens > 1:
-        decode = min(decode, decode_positions(settings.cache_size))
-    peak = max(schedule.peak_live(0, prompt_len), decode)
-    return RequestNeed(cdiv(peak, block_size), cdiv(decode, block_size))
+    steps = [(0, prompt_len)] + [(prompt_len + j, 1) for j in range(max_tokens - 1)]
+    held: set[int] = set()
+    entries = peak = 0
+    for start, num_new in steps:
+        low, high = schedule.held_table(start, block_size, copy_on_write)
+        held = {e for e in held if e >= low and (high is None or e < high)}
+        wanted = schedule.table_blocks(start, num_new, block_size, copy_on_write)
+        held.update(range(entries, wanted))
+        entries = max(entries, wanted)
+        peak = max(peak, len(held))
+    return RequestNeed(peak, len(held))
 
 
 def startup_concurrency(num_blocks: int, blocks_per_request: int) -> float:
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '(additional_config["tova"]["cache_size"])')
     parser.add_argument("--prompt-mode", default="prompt", choices=PROMPT_MODES)
     parser.add_argument("--prompt-chunk", type=int, default=512)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="as vLLM's flag (on by default): TOVA then "
+                        "evicts copy-on-write, whose first eviction briefly holds more")
     parser.add_argument("--prompt-len", type=int, required=True, help="prompt tokens")
     parser.add_argument("--max-tokens", type=int, required=True, help="generated tokens")
     return parser
@@ -191,10 +201,12 @@ def plan(args: argparse.Namespace) -> BudgetReport:
     return BudgetReport(
         block_bytes=block_bytes, num_blocks=num_blocks, max_model_len=max_model_len,
         vanilla=vanilla_need(args.prompt_len, args.max_tokens, args.block_size),
-        tova=tova_need(settings, args.prompt_len, args.max_tokens, args.block_size),
+        tova=tova_need(settings, args.prompt_len, args.max_tokens, args.block_size,
+                       args.enable_prefix_caching),
         vanilla_startup_blocks=cdiv(max_model_len, args.block_size),
-        tova_startup_blocks=cdiv(peak_positions(settings.cache_size, settings.eviction_chunk,
-                                                max_model_len), args.block_size),
+        tova_startup_blocks=peak_table_blocks(settings.cache_size, settings.eviction_chunk,
+                                              max_model_len, args.block_size,
+                                              args.enable_prefix_caching),
     )
 
 
@@ -222,7 +234,8 @@ def render(args: argparse.Namespace, report: BudgetReport) -> str:
         f"pool: {report.num_blocks} blocks ({report.usable_blocks} usable; "
         f"{_human(report.num_blocks * report.block_bytes)})",
         f"request: {args.prompt_len} prompt + {args.max_tokens} generated tokens; "
-        f"TOVA cache_size={args.cache_size}, prompt_mode={mode}",
+        f"TOVA cache_size={args.cache_size}, prompt_mode={mode}, prefix caching "
+        + ("on (copy-on-write)" if args.enable_prefix_caching else "off"),
         f"{'':{width}}  {'vanilla':>12}  {'TOVA':>12}",
     ]
     lines += [f"{name:{width}}  {str(v):>12}  {str(t):>12}" for name, v, t in rows]

@@ -1,8 +1,9 @@
 """Start-up checks for an engine with TOVA enabled, run where the user builds the config.
 
 Rejects what TOVA's cache-position layout cannot serve, with one message naming the
-feature, and turns off prefix caching (compaction rewrites blocks that the prefix cache
-would hash and share).
+feature.  Prefix caching stays as the user set it: with it on, TOVA evicts copy-on-write
+(``engine/spec.py``), so blocks written before a request's first eviction are shared as in
+vanilla vLLM.
 """
 
 from __future__ import annotations
@@ -41,21 +42,14 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
         apply_patches(TOVA_CONFIG)
         _check_model(vllm_config)
         _check_features(vllm_config)
-        changed = []
-        cache = vllm_config.cache_config
-        if cache.enable_prefix_caching:
-            cache.enable_prefix_caching = False
-            changed.append("prefix caching off (TOVA compacts each request's KV blocks in "
-                           "place, so they cannot be shared with other requests)")
         # Engine processes re-run this check on the config they were sent; the user reads
         # the line of the process that built the config.
         if multiprocessing.parent_process() is None:
-            logger.info("%s", startup_line(settings, changed))
-        return
-    assert not vllm_config.cache_config.enable_prefix_caching
+            logger.info("%s", startup_line(
+                settings, bool(vllm_config.cache_config.enable_prefix_caching)))
 
 
-def startup_line(settings, changed: list[str]) -> str:
+def startup_line(settings, prefix_caching: bool) -> str:
     """Everything TOVA changes, in one log line (the budget, the policy, what is off)."""
     mode = settings.prompt_mode + (f" (prompt_chunk={settings.prompt_chunk}: peak C + "
                                    f"{settings.prompt_chunk} per request)"
@@ -68,8 +62,10 @@ def startup_line(settings, changed: list[str]) -> str:
     return (
         f"tova-vllm: TOVA enabled: cache_size={settings.cache_size} tokens per request and "
         f"layer (decoding requests hold ceil((cache_size + 1) / block_size) KV blocks), "
-        f"policy={policy}, prompt_mode={mode}; changed in vLLM: "
-        + ("; ".join(changed) if changed else "nothing")
+        f"policy={policy}, prompt_mode={mode}; prefix caching "
+        + ("on (copy-on-write: blocks written before a request's first eviction are shared "
+           "and cached as usual; that eviction gathers the survivors into private blocks)"
+           if prefix_caching else "off")
         + '. Per request: vllm_xargs / extra_args "tova_cache_size" (<= cache_size), '
         '"tova_policy"'
     )

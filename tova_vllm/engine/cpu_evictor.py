@@ -85,6 +85,9 @@ class CpuEvictor(Evictor):
             row, src, dst = row[moving], src[moving], dst[moving]
         copy_slots(pages, self._elements(pages), ev.slots[row, src], ev.slots[row, dst])
 
+    def copy_slots(self, pages, src, dst) -> None:
+        copy_slots(pages, self._elements(pages), src, dst)
+
     def _elements(self, pages: torch.Tensor) -> torch.Tensor:
         layout = self.layout(pages)
         if self._elements_of is None or self._elements_of[0] is not layout:

@@ -62,6 +62,11 @@ class Evictor:
         with ``row < 0`` are idle)."""
         raise NotImplementedError
 
+    def copy_slots(self, kv_cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V of global slot ``src[i]`` onto ``dst[i]`` (1-D, fixed shape; sources
+        and destinations disjoint, or equal pairs): copy-on-write's gather."""
+        raise NotImplementedError
+
     def decode_moves(self, drop: torch.Tensor, live: torch.Tensor):
         raise NotImplementedError
 
@@ -95,16 +100,22 @@ class Evictor:
             if ev.one_drop_each and self.decode_evict_fused(scores, kv_cache, ev):
                 return
         else:
+            if ev.relocate is not None and side is not None:
+                side.write_ordinary(ev.slots, ev.relocate)
             scores = policy_keep_scores(groups, ev.slots, ev.keep, ev.query_position, side,
                                         tova)
         if ev.one_drop_each:
             drop = position_to_drop(scores, ev.live, ev.padding)
             src, dst, row = self.decode_moves(drop, ev.live)
         else:
-            src, dst, row = prompt_eviction_moves(scores, ev.live, ev.keep, max(ev.keep_list))
+            src, dst, row = prompt_eviction_moves(scores, ev.live, ev.keep, max(ev.keep_list),
+                                                  ev.relocate)
         if groups is not None and side is not None:
-            side.move_rows(ev.slots, src, dst, row)
-        self.compact(kv_cache, ev, src, dst, row)
+            side.move_rows(ev.slots, src, dst, row, ev.dest_slots)
+        if ev.relocate is None:
+            self.compact(kv_cache, ev, src, dst, row)
+        else:
+            self.copy_slots(kv_cache, *relocation_slots(ev, src, dst, row))
 
     def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch
                      ) -> None:
@@ -128,3 +139,16 @@ class Evictor:
         # are visible to no query, so they add exactly 0.0 to position 0's slot.
         increment = self.head_mean(total)
         side.add_attention(batch.slot_ids.flatten(), increment.flatten())
+
+
+def relocation_slots(ev: EvictionBatch, src: torch.Tensor, dst: torch.Tensor,
+                     row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ``(source, destination)`` slots of moves whose destinations may lie in other
+    blocks (``ev.dest_slots``).  Idle entries copy one slot onto itself: row 0's last live
+    position, which no move writes (in place, holes are below the budget; a relocating
+    row writes only its private blocks), so no collision with a real move."""
+    r = row.clamp(min=0)
+    idle = row < 0
+    unwritten = ev.slots[0, ev.live[0].long() - 1]
+    return (torch.where(idle, unwritten, ev.slots[r, src]),
+            torch.where(idle, unwritten, ev.dest_slots[r, dst]))

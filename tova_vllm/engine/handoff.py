@@ -42,7 +42,8 @@ _UNSET = object()
 
 
 class WorkerSettings:
-    """The TOVA settings (None: TOVA off) of the engine whose layers this process builds.
+    """The TOVA settings (None: TOVA off) of the engine whose layers this process builds,
+    and whether its prefix caching is on (TOVA then evicts copy-on-write).
 
     Writer: every TOVA attention impl's ``__init__`` (``layer_setup.setup_tova_impl``),
     which runs while vLLM loads the model with the engine's config current.
@@ -60,9 +61,11 @@ class WorkerSettings:
 
     def __init__(self) -> None:
         self._settings: Any = _UNSET
+        self.copy_on_write = False
 
-    def publish(self, settings: Optional["TovaSettings"]) -> None:
+    def publish(self, settings: Optional["TovaSettings"], copy_on_write: bool = False) -> None:
         self._settings = settings
+        self.copy_on_write = copy_on_write
 
     def read(self) -> Optional["TovaSettings"]:
         if self._settings is _UNSET:

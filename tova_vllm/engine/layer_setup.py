@@ -45,7 +45,8 @@ def customize_tova_spec(spec):
             f"{getattr(spec, 'sliding_window', None)}, chunk "
             f"{getattr(spec, 'attention_chunk_size', None)})"
         )
-    return TovaSpec.from_full_attention(spec, settings.cache_size, settings.eviction_chunk)
+    return TovaSpec.from_full_attention(spec, settings.cache_size, settings.eviction_chunk,
+                                        copy_on_write=handoff.worker_settings.copy_on_write)
 
 
 def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[TensorParallel]:
@@ -55,10 +56,12 @@ def setup_tova_impl(impl, unsupported: Iterable[tuple[str, bool]]) -> Optional[T
     from vllm.config import get_current_vllm_config
     from vllm.v1.attention.backend import AttentionType
 
-    settings = settings_from_additional_config(get_current_vllm_config().additional_config)
+    vllm_config = get_current_vllm_config()
+    settings = settings_from_additional_config(vllm_config.additional_config)
     # Every impl of a TOVA backend publishes, so that customize_spec can tell "TOVA off"
     # from "asked too early" (handoff.WorkerSettings).
-    handoff.worker_settings.publish(settings)
+    handoff.worker_settings.publish(
+        settings, copy_on_write=bool(vllm_config.cache_config.enable_prefix_caching))
     if settings is None or impl.attn_type != AttentionType.DECODER:
         return None
     for what, present in unsupported:

@@ -75,6 +75,13 @@ class PagedEvictor(Evictor):
     def compact(self, kv_cache, ev: EvictionBatch, src, dst, row) -> None:
         self.kernels.compact_paged(*kv_cache, ev.block_table, src, dst, row)
 
+    def copy_slots(self, kv_cache, src, dst) -> None:
+        # Once per request (its first eviction): plain indexing, one gather then one scatter
+        # per half, is enough.
+        block_size = self.block_size(kv_cache)
+        for half in kv_cache:
+            half[dst // block_size, dst % block_size] = half[src // block_size, src % block_size]
+
     def query_logits(self, kv_cache, batch: QueryBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         block_size = self.block_size(kv_cache)
         width = batch.slot_ids.shape[1]

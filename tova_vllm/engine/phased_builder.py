@@ -115,7 +115,9 @@ class TovaPhasedBuilder:
             for row in range(num_reqs)
         ]
         host_table = host_block_table(cm.block_table_tensor[:num_reqs])
-        return plan_step(requests, host_table, self.block_size), policies, host_table, side_state
+        plan = plan_step(requests, host_table, self.block_size,
+                         copy_on_write=self.tova_spec.tova_copy_on_write)
+        return plan, policies, host_table, side_state
 
     @staticmethod
     def _point_vllm_write(cm, first: Phase, device) -> None:
@@ -139,10 +141,17 @@ class TovaPhasedBuilder:
 
         max_seq_len = int(phase.cache_lens.max())
         slots = on_device(phase.slots)
+        # Copy-on-write: rows whose cache starts past block 0 read from their block base.
+        block_table = cm.block_table_tensor
+        if phase.block_table is not None:
+            host_table = phase.block_table
+            block_table = block_table.clone()
+            block_table[: cm.num_reqs] = on_device(phase.block_table)
         if phase.token_index is None:
             phase_cm = cm.replace(seq_lens=on_device(phase.cache_lens),
                                   seq_lens_cpu_upper_bound=phase.cache_lens,
-                                  max_seq_len=max_seq_len, slot_mapping=slots)
+                                  max_seq_len=max_seq_len, slot_mapping=slots,
+                                  block_table_tensor=block_table)
         else:
             rows = host_to_device(torch.tensor(phase.rows, dtype=torch.long), device)
             phase_cm = cm.replace(
@@ -154,7 +163,7 @@ class TovaPhasedBuilder:
                 num_actual_tokens=int(phase.slots.numel()),
                 max_query_len=phase.max_query_len,
                 max_seq_len=max_seq_len,
-                block_table_tensor=cm.block_table_tensor[: cm.num_reqs][rows],
+                block_table_tensor=block_table[: cm.num_reqs][rows],
                 slot_mapping=slots,
                 is_prefilling=None,
                 positions=None,

@@ -9,6 +9,13 @@ holds every request's k-th segment (see ``EvictionSchedule.segments``).  Each la
 runs, per phase: write the segment's K/V, attend, evict.  In steady decode there is one
 phase holding the whole batch, in batch order, with one eviction per request.
 
+With prefix caching on, eviction is *copy-on-write*: until a request's first eviction its
+cache is its ordinary blocks (cache position = logical position, so vLLM may hash and
+share them); the first eviction gathers the survivors into private blocks appended to its
+block table, and from then on its cache positions count from that *block base*
+(``EvictionSchedule.private_base``).  A phase whose rows have nonzero bases carries its own
+block table, each row's shifted to its base, which every slot and the attention read use.
+
 Pure torch and Python: no vLLM import, so it is unit-tested directly.
 """
 
@@ -53,6 +60,11 @@ class EvictionBatch:
     keep_list: list[int]
     live_list: list[int]
     one_drop_each: bool  # every row drops exactly one token: the batched decode rule
+    #: Copy-on-write: ``[E]`` bool, rows whose survivors go to their private blocks (their
+    #: first eviction), and ``[E, max keep]`` the slot of each destination cache position
+    #: (the row's own slots for the others); None when no row of the batch relocates.
+    relocate: Optional[torch.Tensor] = None
+    dest_slots: Optional[torch.Tensor] = None
     #: ``[E, S]`` slot (block * block_size + offset) of each cache position, ``[E,
     #: blocks]`` int32 block table up to the live end, and ``[E, S]`` bool mask of the
     #: padding positions (at or past ``live``): filled by :meth:`prepared`.
@@ -73,6 +85,8 @@ class EvictionBatch:
             query_position=move(self.query_position), block_ids=move(self.block_ids),
             block_offsets=move(self.block_offsets), live=move(self.live.to(torch.int32)),
             keep=move(self.keep),
+            relocate=None if self.relocate is None else move(self.relocate),
+            dest_slots=None if self.dest_slots is None else move(self.dest_slots),
             slots=move(self.block_ids * block_size + self.block_offsets),
             block_table=move(self.block_ids[:, ::block_size].to(torch.int32)),
             padding=move(padding),
@@ -89,6 +103,9 @@ class Phase:
     positions: torch.Tensor  # [phase tokens] logical position of each token
     max_query_len: int
     evictions: Optional[EvictionBatch]
+    #: ``[rows, blocks]`` int32: each batch row's block table from its block base, when
+    #: some row's base is not 0 (copy-on-write); None: the step's own block table.
+    block_table: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -111,16 +128,20 @@ def plan_step(
     requests: Sequence[RequestStep],
     block_table: torch.Tensor,
     block_size: int,
+    copy_on_write: bool = False,
 ) -> list[Phase]:
     """Split a step into phases and compute every cache slot it touches.
 
     ``block_table`` is ``[rows, max_blocks]`` (int32 physical block ids).
     """
     if requests and all(r.num_new == 1 and r.num_computed >= r.prompt_len for r in requests):
-        return [_plan_decode(requests, block_table, block_size)]
+        return [_plan_decode(requests, block_table, block_size, copy_on_write)]
+    schedules = [req.schedule() for req in requests]
     segments_per_row = [
-        list(req.schedule().segments(req.num_computed, req.num_new)) for req in requests
+        list(sched.segments(req.num_computed, req.num_new))
+        for req, sched in zip(requests, schedules)
     ]
+    first_evictions = [sched.first_eviction() for sched in schedules]
     token_starts = [0]
     for req in requests:
         token_starts.append(token_starts[-1] + req.num_new)
@@ -134,12 +155,16 @@ def plan_step(
         token_positions = []
         query_start, max_query_len = [0], 0
         evict_rows, evict_qidx, evict_qpos, evict_live, evict_keep = [], [], [], [], []
+        bases, private, relocating = [0] * len(requests), [0] * len(requests), []
         for row, (req, segments) in enumerate(zip(requests, segments_per_row)):
             if k >= len(segments):
                 continue
             seg_start, seg_end, evicts = segments[k]
-            schedule = req.schedule()
+            schedule = schedules[row]
             live_before = schedule.live_after(seg_start)
+            if copy_on_write:
+                bases[row] = schedule.private_base(seg_start, block_size)
+                private[row] = schedule.private_base(seg_end, block_size)
             length = seg_end - seg_start
             first_token = token_starts[row] + (seg_start - req.num_computed)
             rows.append(row)
@@ -156,9 +181,16 @@ def plan_step(
                 evict_qpos.append(seg_end - 1)
                 evict_live.append(live_before + length)
                 evict_keep.append(req.cache_size)
+                relocating.append(copy_on_write and seg_end == first_evictions[row])
+        table = from_bases(block_table, bases)
         positions = torch.tensor(slots_pos, dtype=torch.long)
         row_ids = torch.tensor(slots_rows, dtype=torch.long)
-        slots = block_table[row_ids, positions // block_size] * block_size + positions % block_size
+        slots = table[row_ids, positions // block_size] * block_size + positions % block_size
+        evictions = _eviction_batch(evict_rows, evict_qidx, evict_qpos, evict_live, evict_keep,
+                                    table, block_size)
+        if any(relocating):
+            _relocate(evictions, torch.tensor(relocating), from_bases(block_table, private),
+                      block_size)
         phases.append(
             Phase(
                 rows=rows,
@@ -168,22 +200,52 @@ def plan_step(
                 slots=slots,
                 positions=torch.tensor(token_positions, dtype=torch.long),
                 max_query_len=max_query_len,
-                evictions=_eviction_batch(
-                    evict_rows, evict_qidx, evict_qpos, evict_live, evict_keep, block_table,
-                    block_size,
-                ),
+                evictions=evictions,
+                block_table=None if table is block_table else table.to(torch.int32),
             )
         )
     return phases
 
 
+def from_bases(block_table: torch.Tensor, bases) -> torch.Tensor:
+    """Each row of ``block_table`` from its block base on (``bases``: a list or a tensor),
+    padded with block 0 (valid memory, never read as a live position); the table itself
+    when every base is 0."""
+    bases = torch.as_tensor(bases, dtype=torch.long)
+    if not bool(bases.any()):
+        return block_table
+    width = block_table.shape[1]
+    index = bases.unsqueeze(1) + torch.arange(width)
+    inside = index < width
+    return torch.where(inside, block_table.gather(1, index.clamp(max=width - 1)), 0)
+
+
+def _relocate(ev: EvictionBatch, relocate: torch.Tensor, private_table: torch.Tensor,
+              block_size: int) -> None:
+    """Mark ``ev``'s rows whose survivors move to their private blocks (``private_table``:
+    each batch row's table from the block base it has after the eviction)."""
+    max_keep = max(ev.keep_list)
+    positions = torch.arange(max_keep)
+    dest = private_table[ev.rows.unsqueeze(1), positions // block_size] * block_size
+    ev.dest_slots = dest + positions % block_size
+    ev.relocate = relocate
+    ev.one_drop_each = False
+
+
 def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
-                 block_size: int) -> Phase:
+                 block_size: int, copy_on_write: bool = False) -> Phase:
     """Steady decode, vectorized: one token per request, written at slot min(n, C)."""
     computed = torch.tensor([r.num_computed for r in requests], dtype=torch.long)
     budget = torch.tensor([r.cache_size for r in requests], dtype=torch.long)
     live_before = torch.minimum(computed, budget)
     block_table = block_table.to(torch.long)
+    raw_table = block_table
+    relocating = None
+    if copy_on_write:
+        first = _first_evictions(requests, budget)
+        private = -(-first // block_size)
+        block_table = from_bases(raw_table, torch.where(computed >= first, private, 0))
+        relocating = computed + 1 == first
     rows = torch.arange(len(requests))
     slots = block_table[rows, live_before // block_size] * block_size + live_before % block_size
     evicting = torch.nonzero(computed >= budget).flatten()
@@ -206,6 +268,9 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
             live_list=[k + 1 for k in keep_list],
             one_drop_each=True,
         )
+        if relocating is not None and bool(relocating[evicting].any()):
+            _relocate(evictions, relocating[evicting], from_bases(raw_table, private),
+                      block_size)
     return Phase(
         rows=list(range(len(requests))),
         token_index=None,
@@ -215,7 +280,17 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
         positions=computed,
         max_query_len=1,
         evictions=evictions,
+        block_table=None if block_table is raw_table else block_table.to(torch.int32),
     )
+
+
+def _first_evictions(requests: Sequence[RequestStep], budget: torch.Tensor) -> torch.Tensor:
+    """``EvictionSchedule.first_eviction`` of every row (the first boundary past C)."""
+    first = [r.cache_size + 1 if r.cache_size + 1 >= r.prompt_len
+             else r.prompt_len if r.prompt_chunk is None
+             else min(r.prompt_len, (r.cache_size // r.prompt_chunk + 1) * r.prompt_chunk)
+             for r in requests]
+    return torch.tensor(first, dtype=torch.long)
 
 
 def _eviction_batch(rows, query_index, query_position, live, keep, block_table, block_size):

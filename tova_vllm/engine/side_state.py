@@ -36,21 +36,36 @@ class SlotSideState:
         self.positions[slots] = positions.to(torch.int32)
         self.accumulated[slots] = 0.0
 
+    def write_ordinary(self, slot_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Record the positions of ``rows`` (``[E]`` bool) whose cache is still their
+        ordinary blocks, where a position is its cache position (``slot_ids``: ``[E, S]``,
+        padding columns on position 0's slot): blocks read from the prefix cache were
+        written by other requests, whose side state may not have been kept.  Fixed shapes;
+        every duplicate slot gets one value."""
+        cache_positions = torch.arange(slot_ids.shape[1], device=slot_ids.device,
+                                       dtype=self.positions.dtype)
+        padding = slot_ids == slot_ids[:, :1]
+        ordinary = torch.where(padding, 0, cache_positions)
+        self.positions[slot_ids] = torch.where(rows.unsqueeze(1), ordinary,
+                                               self.positions[slot_ids])
+
     def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         for side in (self.positions, self.accumulated):
             side[dst_slots] = side[src_slots]
 
     def move_rows(self, slot_ids: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                  row: torch.Tensor) -> None:
+                  row: torch.Tensor, dst_slot_ids: Optional[torch.Tensor] = None) -> None:
         """Fixed-shape moves (no boolean indexing, so no wait for the device): entry i moves
         row ``row[i]``'s cache position ``src[i]`` to ``dst[i]`` (``slot_ids``: ``[rows,
-        positions]`` global slots); idle entries (``row < 0`` or ``src == dst``) copy the
-        spare entry onto itself, so they can collide with no real move."""
-        active = (row >= 0) & (src != dst)
+        positions]`` global slots; ``dst_slot_ids``: those of the destination positions
+        when they lie elsewhere, copy-on-write); idle entries (``row < 0`` or the same
+        slot) copy the spare entry onto itself, so they can collide with no real move."""
         r = row.clamp(min=0)
+        src_slots = slot_ids[r, src.clamp(min=0)]
+        dst_slots = (slot_ids if dst_slot_ids is None else dst_slot_ids)[r, dst.clamp(min=0)]
+        active = (row >= 0) & (src_slots != dst_slots)
         spare = torch.full_like(src, self.num_slots)
-        self.move(torch.where(active, slot_ids[r, src.clamp(min=0)], spare),
-                  torch.where(active, slot_ids[r, dst.clamp(min=0)], spare))
+        self.move(torch.where(active, src_slots, spare), torch.where(active, dst_slots, spare))
 
     def add_attention(self, slots: torch.Tensor, increment: torch.Tensor) -> None:
         self.accumulated.index_put_((slots,), increment, accumulate=True)

@@ -12,7 +12,7 @@ from .eviction import (
     accumulated_from_logits,
 )
 from .registry import PolicyUnit, policy_table, policy_units
-from .schedule import EvictionSchedule, cdiv, decode_positions, peak_positions
+from .schedule import EvictionSchedule, cdiv, decode_positions, peak_positions, peak_table_blocks
 from .scoring import gqa_logits, head_summed_probs, head_summed_probs_from_logits, head_mean
 from .selection import compaction_moves, prompt_eviction_moves, position_to_drop, positions_to_keep
 
@@ -29,6 +29,7 @@ __all__ = [
     "cdiv",
     "decode_positions",
     "peak_positions",
+    "peak_table_blocks",
     "compaction_moves",
     "gqa_logits",
     "head_summed_probs",

@@ -40,6 +40,26 @@ def peak_positions(cache_size: int, prompt_chunk: Optional[int], max_model_len: 
     return min(max_model_len, max(peak, decode_positions(cache_size)))
 
 
+def peak_table_blocks(cache_size: int, prompt_chunk: Optional[int], max_model_len: int,
+                      block_size: int, copy_on_write: bool = False) -> int:
+    """Most block-table entries one request of any length up to ``max_model_len`` holds.
+
+    In place (prefix caching off) that is the cache positions of :func:`peak_positions`.
+    Copy-on-write (prefix caching on) adds the private blocks that the first eviction
+    gathers its survivors into while the request still holds the ordinary blocks it read
+    them from: those are released only once the eviction's step has been processed.
+    """
+    in_place = cdiv(peak_positions(cache_size, prompt_chunk, max_model_len), block_size)
+    if not copy_on_write or cache_size >= max_model_len:
+        return in_place
+    if prompt_chunk is None:  # the whole prompt, then the decode rule
+        first, private = max_model_len, decode_positions(cache_size)
+    else:
+        first = min(max_model_len, (cache_size // prompt_chunk + 1) * prompt_chunk)
+        private = cache_size + max(prompt_chunk, 1)
+    return max(in_place, cdiv(first, block_size) + cdiv(private, block_size))
+
+
 @dataclass(frozen=True)
 class EvictionSchedule:
     cache_size: int
@@ -75,6 +95,49 @@ class EvictionSchedule:
         if self.prompt_chunk is None:
             return self.prompt_len
         return min(self.prompt_len, (n // self.prompt_chunk + 1) * self.prompt_chunk)
+
+    def first_eviction(self) -> int:
+        """The boundary of the request's first eviction: the first boundary past C (the
+        live count there is the boundary itself, > C, as nothing was dropped before)."""
+        return self.next_boundary_after(self.cache_size)
+
+    def private_base(self, n: int, block_size: int) -> int:
+        """Copy-on-write: the block index of cache position 0 once ``n`` tokens are
+        processed and any eviction at ``n`` is done.  Before the first eviction the cache
+        is the ordinary blocks (cache position = logical position, index 0); the first
+        eviction gathers the survivors into private blocks appended after them."""
+        first = self.first_eviction()
+        return cdiv(first, block_size) if n >= first else 0
+
+    def table_blocks(self, start: int, num_new: int, block_size: int,
+                     copy_on_write: bool = False) -> int:
+        """Block-table entries needed to process [start, start + num_new): the cache
+        positions of :meth:`peak_live` in place; with copy-on-write, each segment's
+        positions counted from its block base, and the first eviction's destination."""
+        if not copy_on_write:
+            return cdiv(self.peak_live(start, num_new), block_size)
+        first = self.first_eviction()
+        need = self.private_base(start, block_size) + cdiv(self.live_after(start), block_size)
+        for seg_start, seg_end, evicts in self.segments(start, num_new):
+            live = self.live_after(seg_start) + (seg_end - seg_start)
+            need = max(need, self.private_base(seg_start, block_size) + cdiv(live, block_size))
+            if evicts and seg_end == first:
+                need = max(need, self.private_base(first, block_size)
+                           + cdiv(self.cache_size, block_size))
+        return need
+
+    def held_table(self, n: int, block_size: int,
+                   copy_on_write: bool = False) -> tuple[int, Optional[int]]:
+        """The block-table entries ``[start, end)`` a request may still hold once ``n``
+        tokens are processed (``end`` None: no bound yet); the KV manager frees the rest.
+        Copy-on-write frees the ordinary blocks once the first eviction is processed; the
+        tail past the decode bound goes once the prompt is processed (with copy-on-write,
+        once it also lives in private blocks: before that, the first eviction's
+        destination may already be allocated past it)."""
+        start = self.private_base(n, block_size) if copy_on_write else 0
+        if n >= self.prompt_len > 0 and (not copy_on_write or n >= self.first_eviction()):
+            return start, start + cdiv(decode_positions(self.cache_size), block_size)
+        return start, None
 
     def live_after(self, n: int) -> int:
         """Tokens held once ``n`` tokens are processed and any eviction at ``n`` is done."""

@@ -48,7 +48,8 @@ def compaction_moves(kept: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch
 
 
 def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.Tensor,
-                          max_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          max_keep: int, relocate: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched prompt eviction with fixed shapes (no data-dependent sizes, so a device
     never has to report back): row e keeps the ``keep[e]`` best of its ``live[e]`` positions,
     ranked as :func:`positions_to_keep` does, and packs them as :func:`compaction_moves` does.
@@ -56,6 +57,11 @@ def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.
     ``scores``: ``[rows, positions]`` (columns at or past ``live`` are padding); ``max_keep``:
     a host bound ``>= keep.max()``.  Returns ``(src, dst, row)``, each ``[rows * max_keep]``;
     entries with ``row == -1`` are not moves.
+
+    ``relocate`` (``[rows]`` bool): rows whose survivors are gathered into other blocks
+    (copy-on-write).  Every kept position of such a row moves, to the cache position that
+    compaction gives it (its own below ``keep``, its hole above), so the layout is the same
+    as in place.  Entry ``i`` of a row is then its ``i``-th kept position.
     """
     rows, width = scores.shape
     max_keep = min(max_keep, width)  # keep <= live <= width
@@ -69,11 +75,12 @@ def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.
     in_row = rank < keep.unsqueeze(1)
     # Kept slots ascending; the `width` sentinel fills ranks past the row's keep.
     kept = torch.sort(torch.where(in_row, order, width), dim=-1).values
-    is_source = in_row & (kept >= keep.unsqueeze(1))
+    below = kept < keep.unsqueeze(1)
+    is_source = in_row & ~below
     # Holes: positions below the row's keep that no kept slot occupies (one spare column
     # takes the scatter of kept slots that are not below it).
     hole = torch.ones(rows, max_keep + 1, dtype=torch.bool, device=device)
-    hole.scatter_(1, torch.where(kept < keep.unsqueeze(1), kept, max_keep), False)
+    hole.scatter_(1, torch.where(below, kept, max_keep), False)
     is_hole = hole[:, :max_keep] & in_row
 
     def by_rank(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -82,8 +89,19 @@ def prompt_eviction_moves(scores: torch.Tensor, live: torch.Tensor, keep: torch.
         out = torch.zeros(rows, max_keep + 1, dtype=torch.long, device=device)
         return out.scatter_(1, column, values)[:, :max_keep]
 
-    src = by_rank(is_source, kept)
-    dst = by_rank(is_hole, rank.expand(rows, -1))
-    moves = is_source.sum(dim=1, keepdim=True)
-    row = torch.where(rank < moves, torch.arange(rows, device=device).unsqueeze(1), -1)
-    return src.flatten(), dst.flatten(), row.flatten()
+    holes = by_rank(is_hole, rank.expand(rows, -1))
+    row_ids = torch.arange(rows, device=device).unsqueeze(1)
+    if relocate is None:
+        src = by_rank(is_source, kept)
+        moves = is_source.sum(dim=1, keepdim=True)
+        row = torch.where(rank < moves, row_ids, -1)
+        return src.flatten(), holes.flatten(), row.flatten()
+    # Kept positions ascending: those below keep come first, so the i-th one at or above
+    # keep is entry i - (number below) and takes the hole of that rank.
+    num_below = (in_row & below).sum(dim=1, keepdim=True)
+    hole_of = holes.gather(1, (rank - num_below).clamp(min=0))
+    dst = torch.where(below, kept, hole_of)
+    moving = in_row & (relocate.to(device).unsqueeze(1) | ~below)
+    row = torch.where(moving, row_ids, -1)
+    return (torch.where(moving, kept, 0).flatten(), torch.where(moving, dst, 0).flatten(),
+            row.flatten())
