@@ -83,12 +83,14 @@ def instrument(clock: StageClock) -> None:
     del selection
 
 
-def profile(model_dir, tova, prompts, steps: int, torch_profile: bool, clock: StageClock):
+def profile(model_dir, tova, prompts, steps: int, torch_profile: bool, clock: StageClock,
+            prefix_caching: bool = True):
     from engine_harness import make_llm, shutdown
     from vllm import SamplingParams
 
     llm = make_llm(model_dir, tova, block_size=32, num_blocks=4096, max_model_len=1024,
-                   max_num_batched_tokens=4096, max_num_seqs=256)
+                   max_num_batched_tokens=4096, max_num_seqs=256,
+                   enable_prefix_caching=prefix_caching)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--policies", default="tova")
     parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="every engine without prefix caching (TOVA evicts in place)")
     args = parser.parse_args()
 
     from bench_engine import real_text_prompts
@@ -149,7 +153,8 @@ def main() -> None:
             print(f"[profile] {name} ...", file=sys.stderr, flush=True)
             clock.steps = []
             step_ms, n, prof = profile(model, tova, prompts, args.steps,
-                                       args.torch_profile and tova is not None, clock)
+                                       args.torch_profile and tova is not None, clock,
+                                       args.prefix_caching)
             rows[name] = (step_ms, n, clock.medians_ms())
             if prof is not None:
                 print(f"\n--- torch profiler, one {name} decode step ---")
@@ -157,7 +162,8 @@ def main() -> None:
 
     base = rows["vanilla"][0]
     print(f"\nsteady decode, {args.requests} requests at live context {args.cache_size}, "
-          f"model {args.model or args.arch} (median ms per step)")
+          f"model {args.model or args.arch}, prefix caching "
+          f"{'on' if args.prefix_caching else 'off'} (median ms per step)")
     for name, (step_ms, n, stages) in rows.items():
         print(f"\n{name}: step {step_ms:.2f} ms ({step_ms / base:.2f}x vanilla), {n} steps")
         for stage, ms in stages.items():
