@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Quality study: what a bounded KV cache costs a model, per eviction policy and budget.
 
 Runs on any Hugging Face Llama-family checkpoint with full attention (Llama, Mistral,
@@ -45,6 +44,10 @@ and ``quality.png`` (needs matplotlib; skipped with a warning without it).  Prog
 need tqdm (plain prints otherwise).  Both come with the ``eval`` extra:
 ``pip install -e ".[eval]"``.
 
+The parts live beside this file: ``quality_text.py`` (text and windows),
+``quality_ppl.py`` (perplexity), ``quality_probes.py`` (retrieval probe),
+``quality_report.py`` (tables, plot) and ``quality_common.py`` (budgets, progress).
+
 Examples::
 
     python3 scripts/eval_quality.py --model PATH                      # full study
@@ -56,26 +59,31 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import random
 import shlex
-import string
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
-
-sys.path.insert(0, str(REPO / "scripts"))  # the byte model's corpus split
+sys.path.insert(0, str(REPO / "scripts"))  # the study's modules, the byte model's corpus split
 
 from tova_vllm.policies import POLICY_NAMES as POLICIES  # noqa: E402
-from train_byte_llama import corpus_files, is_val  # noqa: E402
+
+# The study's parts; book_path, book_text and the PASSKEY_ texts are re-exported as the
+# study's API (tests read them here).
+from quality_common import parse_budgets, Progress, budget_error  # noqa: E402
+from quality_text import (  # noqa: E402,F401
+    book_path, book_text, is_byte_level, load_token_stream, make_windows)
+from quality_ppl import hf_logprobs, ppl_reference, ppl_vllm, summarize_ppl  # noqa: E402
+from quality_probes import (  # noqa: E402,F401
+    PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_probes, run_probes,
+    summarize_probes)
+from quality_report import markdown_tables, plot  # noqa: E402
 
 DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2,full"
 TEXTS = ("book", "stdlib")
@@ -84,6 +92,7 @@ DEFAULTS = dict(num_windows=4, length=1024, num_probes=20, probe_length=512)
 
 
 # --------------------------------------------------------------------------- arguments
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -183,744 +192,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-@dataclass(frozen=True)
-class Budget:
-    label: str       # as the user wrote it ("1/16", "64", "full")
-    cache_size: int  # C (for "full": the length)
-    full: bool
-
-    def fraction(self, length: int) -> float:
-        return self.cache_size / length
-
-
-def parse_budgets(spec: str, length: int) -> list[Budget]:
-    """``"1/16,0.25,64,full"`` -> budgets sorted by size; duplicates merged; ``full`` (or
-    any size >= ``length``) evicts nothing and is always included."""
-    out: dict[int, Budget] = {}
-    for raw in (x.strip() for x in spec.split(",")):
-        if not raw:
-            continue
-        if raw == "full":
-            size = length
-        elif "/" in raw or "." in raw:
-            try:
-                if "/" in raw:
-                    num, den = raw.split("/")
-                    frac = float(num) / float(den)
-                else:
-                    frac = float(raw)
-            except (ValueError, ZeroDivisionError):
-                raise ValueError(f"bad budget {raw!r}") from None
-            if not 0 < frac <= 1:
-                raise ValueError(f"budget fraction must be in (0, 1], got {raw!r}")
-            size = max(1, round(frac * length))
-        else:
-            try:
-                size = int(raw)
-            except ValueError:
-                raise ValueError(f"bad budget {raw!r}") from None
-            if size < 1:
-                raise ValueError(f"budget must be >= 1, got {raw!r}")
-        size = min(size, length)
-        full = size >= length
-        out.setdefault(size, Budget("full" if full else raw, size, full))
-    out.setdefault(length, Budget("full", length, True))
-    return [out[k] for k in sorted(out)]
-
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    """tqdm when installed, otherwise a line every ~5% of the work."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done = total, desc, 0
-        self._next_print = 0.0
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self.bar = None
-            print(f"[{desc}] 0/{total}", flush=True)
-        else:
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-    def note(self, text: str) -> None:
-        """Progress inside one item (callers throttle it)."""
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-
-    def update(self, text: str = "") -> None:
-        self.done += 1
-        if self.bar is not None:
-            if text:
-                self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        elif self.done >= self._next_print or self.done == self.total:
-            print(f"[{self.desc}] {self.done}/{self.total} {text}", flush=True)
-            self._next_print = self.done + max(1, self.total // 20)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# --------------------------------------------------------------------------- text
-
-def default_text_files() -> tuple[Path, list[Path], str]:
-    """The byte model's held-out validation files (``scripts/train_byte_llama.py``'s split of
-    the standard library's ``.py`` files): text that ships with every Python, and that the
-    byte model never trained on.  For other models it is ordinary source with docstrings."""
-    root, files = corpus_files()
-    val = [f for f in files if is_val(f.relative_to(root).as_posix())]
-    return root, val, "held-out validation files of scripts/train_byte_llama.py"
-
-
-# Where apache-tvm-ffi (required by xgrammar, which vLLM requires) keeps libbacktrace's test
-# input: the Project Gutenberg text of Newton's *Opticks* (4th edition, 1730; public domain).
-BOOK_IN_PACKAGE = ("tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt")
-BOOK_START = "OPTICKS:"  # the title page: what precedes it is the transcribers' credits
-
-
-def book_path() -> Optional[Path]:
-    """Newton's *Opticks* as installed with vLLM, or ``None``.  Located without importing
-    the package (its import loads a native library)."""
-    import importlib.util
-
-    package, relative = BOOK_IN_PACKAGE
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / relative
-        if path.is_file():
-            return path
-    return None
-
-
-def book_text(path: Path) -> str:
-    text = path.read_text(encoding="utf-8")
-    start = text.find(BOOK_START)
-    return text[start:] if start >= 0 else text
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def load_token_stream(tokenizer, args, needed: int) -> tuple[list[int], dict]:
-    """Token ids (no special tokens but file separators) of the evaluation text, at least
-    ``needed`` long."""
-    if args.text_file is not None:
-        text = args.text_file.read_text(encoding="utf-8", errors="replace")
-        ids = _encode(tokenizer, text)
-        info = {"source": str(args.text_file), "chars": len(text), "spread": True}
-        if len(ids) < needed:
-            raise SystemExit(f"--text-file has {len(ids)} tokens; {needed} are needed "
-                             "(lower --num-windows or --length)")
-        return ids, info
-    if args.text == "book":
-        path = book_path()
-        if path is not None:
-            text = book_text(path)
-            ids = _encode(tokenizer, text)
-            info = {"source": "book: Isaac Newton, Opticks (4th ed. 1730), Project Gutenberg "
-                    "text shipped by apache-tvm-ffi", "path": str(path), "chars": len(text),
-                    "spread": True}
-            if len(ids) < needed:
-                raise SystemExit(f"the book has {len(ids)} tokens; {needed} are needed "
-                                 "(lower --num-windows or --length)")
-            return ids, info
-        print(f"warning: {BOOK_IN_PACKAGE[0]} (installed with vLLM) does not ship "
-              f"{BOOK_IN_PACKAGE[1]} here; measuring on the standard-library sources instead "
-              "(--text stdlib)", file=sys.stderr)
-    root, files, how = default_text_files()
-    # Files are tokenized one by one and joined by the EOS token when the tokenizer has
-    # one (the byte-level trainer's stream format), else by a blank line.
-    eos = tokenizer.eos_token_id
-    separator = [eos] if eos is not None else _encode(tokenizer, "\n\n")
-    ids: list[int] = []
-    used: list[str] = []
-    for path in files:
-        try:
-            body = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not body.strip():
-            continue
-        ids += _encode(tokenizer, body) + separator
-        used.append(path.relative_to(root).as_posix() if path.is_relative_to(root)
-                    else str(path))
-        if len(ids) >= needed:
-            break
-    if len(ids) < needed:
-        raise SystemExit(f"the default text has only {len(ids)} tokens; {needed} needed")
-    info = {"source": how, "stdlib": str(root), "python": sys.version.split()[0],
-            "files": used, "separator": separator, "spread": False}
-    return ids, info
-
-
-def make_windows(ids: list[int], num: int, length: int, bos: Optional[int],
-                 spread: bool = False, stride: Optional[int] = None) -> list[list[int]]:
-    """``num`` non-overlapping windows of ``length`` tokens (BOS first when given): back to
-    back from the start, or with ``spread`` evenly over all of ``ids`` (windows from all
-    over a book vary more than neighbours do, so their spread says more), or starting
-    every ``stride`` tokens (so a run with fewer windows reuses the first ones)."""
-    body = length - (bos is not None)
-    if stride is None:
-        stride = len(ids) // num if spread else body
-    if stride < body or len(ids) < (num - 1) * stride + body:
-        raise ValueError(f"{len(ids)} tokens cannot hold {num} windows of {body} tokens "
-                         f"every {stride}")
-    windows = []
-    for w in range(num):
-        chunk = ids[w * stride:w * stride + body]
-        windows.append(([bos] if bos is not None else []) + chunk)
-    return windows
-
-
-def is_byte_level(tokenizer) -> bool:
-    """At most 256 non-special tokens: one token per byte."""
-    return len(tokenizer) - len(set(tokenizer.all_special_ids)) <= 256
-
-
-# --------------------------------------------------------------------------- perplexity
-
-def _policy(name: str, args):
-    from tova_vllm.policies import EvictionPolicy
-
-    return EvictionPolicy(name, sinks=args.sinks, recent=args.recent)
-
-
-def _budget_error(name: str, budget: Budget, args) -> Optional[str]:
-    if budget.full:
-        return None
-    try:
-        _policy(name, args).check_budget(budget.cache_size)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def hf_logprobs(model, ids: list[int], attention_mask=None):
-    """Plain Hugging Face forward: ``log p(token i+1 | tokens <= i)``, fp32 on CPU."""
-    import torch
-
-    device = model.get_input_embeddings().weight.device
-    tokens = torch.tensor([ids], device=device)
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
-    with torch.no_grad():
-        logits = model(tokens, **kwargs).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)[:-1]
-    return logprobs.gather(1, tokens[0, 1:].unsqueeze(1))[:, 0].cpu()
-
-
-def _cell_file(cache_dir: Path, model, ids, name: str, cache_size: int, args) -> Path:
-    """Where one (window, policy, budget) cell's NLLs are kept: named by a hash of all that
-    decides them (model, dtype, tokens, policy settings, budget)."""
-    import hashlib
-
-    key = json.dumps([str(getattr(model, "name_or_path", "")), args.dtype, list(ids), name,
-                      cache_size, args.sinks, args.recent, args.ppl_chunk])
-    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-
-
-def ppl_reference(model, windows, policies, budgets, args, cell_done: Callable) -> dict:
-    """Per-token NLL lists ``{(policy, C): [per-window fp32 tensor]}``.
-
-    The full budget evicts nothing, so it is computed once (key ``("*", N)``).  Window by
-    window (all budgets of a window before the next), so that a run cut short has whole
-    windows in ``--cell-cache`` to resume from."""
-    import torch
-    from tova_vllm.reference import teacher_forced_logprobs
-
-    out: dict = {}
-    length = len(windows[0])
-    cache_dir = args.cell_cache
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    for w, ids in enumerate(windows):
-        for budget in budgets:
-            names = ["*"] if budget.full else policies
-            for name in names:
-                if name != "*" and _budget_error(name, budget, args):
-                    continue
-                policy_name = "tova" if name == "*" else name
-                label = f"{name if name != '*' else 'full'} C={budget.cache_size} w{w}"
-                saved = None
-                if cache_dir is not None:
-                    saved = _cell_file(cache_dir, model, ids, policy_name, budget.cache_size,
-                                       args)
-                if saved is not None and saved.is_file():
-                    nll = torch.load(saved)
-                else:
-                    step = max(1, length // 16)
-
-                    def progress(n, label=label, step=step):
-                        if n % step == 0 or n == length:
-                            cell_done.note(f"{label} tok {n}/{length}")
-
-                    lp = teacher_forced_logprobs(model, ids, cache_size=budget.cache_size,
-                                                 policy=_policy(policy_name, args),
-                                                 prompt_chunk=args.ppl_chunk,
-                                                 progress=progress)
-                    nll = -lp.double()
-                    if saved is not None:
-                        torch.save(nll, saved.with_suffix(".tmp"))
-                        saved.with_suffix(".tmp").replace(saved)  # whole files only
-                out.setdefault((name, budget.cache_size), [None] * len(windows))[w] = nll
-                cell_done.update(label)
-    return out
-
-
-def ppl_vllm(model_path: str, windows, policies, budgets, args) -> dict:
-    """The same per-token NLL, from vLLM's prompt logprobs under the TOVA plugin: one
-    request per (policy, budget, window), with ``max_tokens=1`` and ``prompt_logprobs=0``;
-    the server's budget is N and each request lowers it (``tova_cache_size``) and names
-    its policy (``tova_policy``).  Sinks / recent are server settings."""
-    import torch
-    from vllm import LLM, SamplingParams
-
-    length = len(windows[0])
-    tova = {"cache_size": length, "prompt_mode": "chunked", "prompt_chunk": args.ppl_chunk,
-            "sinks": args.sinks}
-    if args.recent is not None:
-        tova["recent"] = args.recent
-    kv_gib = args.kv_cache_gib
-    if kv_gib is None and not torch.cuda.is_available():
-        # vLLM's CPU default reserves 92% of the machine's memory up front (and refuses to
-        # start when that much is not free); a fixed pool is plenty for N-token requests.
-        kv_gib = 1.0
-    extra = {} if kv_gib is None else {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
-    llm = LLM(model=model_path, dtype=args.dtype, max_model_len=length + 1,
-              enforce_eager=True, enable_prefix_caching=False, seed=args.seed,
-              additional_config={"tova": tova}, **extra)
-    try:
-        keys, prompts, params = [], [], []
-        for budget in budgets:
-            names = ["*"] if budget.full else policies
-            for name in names:
-                if name != "*" and _budget_error(name, budget, args):
-                    continue
-                for w, ids in enumerate(windows):
-                    request_args = {"tova_cache_size": budget.cache_size,
-                                    "tova_policy": "tova" if name == "*" else name}
-                    keys.append((name, budget.cache_size, w))
-                    prompts.append({"prompt_token_ids": list(ids)})
-                    params.append(SamplingParams(max_tokens=1, temperature=0.0,
-                                                 prompt_logprobs=0,
-                                                 extra_args=request_args))
-        outputs = llm.generate(prompts, params, use_tqdm=True)
-        out: dict = {}
-        for (name, size, w), request, ids in zip(keys, outputs, (p["prompt_token_ids"]
-                                                                 for p in prompts)):
-            entries = request.prompt_logprobs
-            assert entries[0] is None and len(entries) == len(ids)
-            nll = [-entries[i][ids[i]].logprob for i in range(1, len(ids))]
-            out.setdefault((name, size), [None] * len(windows))[w] = torch.tensor(
-                nll, dtype=torch.float64)
-        return out
-    finally:
-        engine_core = getattr(llm.llm_engine, "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
-        del llm
-        gc.collect()
-
-
-def window_spread(values: list[float]) -> dict[str, Any]:
-    """Per-window perplexities and their spread: min, max and the sample standard deviation
-    (0 for a single window)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"window_perplexity": list(values), "window_ppl_min": min(values),
-            "window_ppl_max": max(values), "window_ppl_std": math.sqrt(var)}
-
-
-def summarize_ppl(nll: dict, windows, policies, budgets, args, byte_level: bool,
-                  save_tokens: bool) -> dict:
-    """Perplexity per (policy, budget); the full budget is shared by every policy."""
-    length = len(windows[0])
-    full_key = ("*", length)
-    table: dict[str, dict[str, Any]] = {}
-    for name in policies:
-        row = {}
-        for budget in budgets:
-            key = ("*", budget.cache_size) if budget.full else (name, budget.cache_size)
-            cell: dict[str, Any] = {"cache_size": budget.cache_size, "label": budget.label,
-                                    "fraction": budget.fraction(length),
-                                    "shared_full": budget.full}
-            if key not in nll:
-                cell.update(perplexity=None, error=_budget_error(name, budget, args))
-            else:
-                per_window = nll[key]
-                total = sum(float(t.sum()) for t in per_window)
-                count = sum(t.numel() for t in per_window)
-                mean = total / count
-                cell.update(perplexity=math.exp(mean), mean_nll=mean, tokens=count)
-                cell.update(window_spread([math.exp(float(t.mean())) for t in per_window]))
-                if full_key in nll:
-                    # Paired with the same window at full cache: windows differ in how hard
-                    # their text is far more than the policies differ, so the cost of a
-                    # budget is read per window.
-                    full_ppl = [math.exp(float(t.mean())) for t in nll[full_key]]
-                    ratios = [p / f for p, f in zip(cell["window_perplexity"], full_ppl)]
-                    cell.update(ratio_to_full=cell["perplexity"] / math.exp(
-                                    sum(float(t.sum()) for t in nll[full_key]) / count),
-                                window_ratio_min=min(ratios), window_ratio_max=max(ratios))
-                if byte_level:
-                    cell["bits_per_byte"] = mean / math.log(2)
-                if save_tokens:
-                    cell["token_nll"] = [[float(x) for x in t] for t in per_window]
-            row[str(budget.cache_size)] = cell
-        table[name] = row
-    return table
-
-
-# --------------------------------------------------------------------------- probe
-
-def _split_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` and ``answer`` as they appear in ``prompt + answer``."""
-    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if full[:len(head)] == head and len(full) > len(head):
-        return head, full[len(head):]
-    # The tokenizer merged across the boundary: cut before the first token that reaches
-    # into the answer (offsets need a fast tokenizer).
-    enc = tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
-    cut = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(prompt))
-    return full[:cut], full[cut:]
-
-
-# The passkey test of Mohtashami & Jaggi (2023, "Landmark Attention"): a pass key hidden in
-# repeated filler, asked for at the end.  Copying a number that follows a unique phrase is
-# an induction-head task that even a 135M model does at full cache; what eviction changes is
-# whether the key's tokens are still in the cache when the question comes.
-PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-                  "There and back again. ")
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-
-def build_probes(tokenizer, args) -> list[dict]:
-    """``--num-probes`` prompts of about ``--probe-length`` tokens in ``--probe-format``,
-    the queried item's depth spread uniformly over the prompt."""
-    if args.probe_format == "passkey":
-        return build_passkey_probes(tokenizer, args)
-    return build_kv_probes(tokenizer, args)
-
-
-def build_passkey_probes(tokenizer, args) -> list[dict]:
-    """Filler sentences with the needle after ``index`` of them; the answer is the 5-digit
-    key (a space and five digit tokens for most tokenizers)."""
-    bos = tokenizer.bos_token_id
-    per_filler = len(_encode(tokenizer, PASSKEY_FILLER * 8)) / 8
-    fixed = len(_encode(tokenizer, PASSKEY_NEEDLE.format(key="12345") + PASSKEY_QUESTION))
-    fillers = max(1, int((args.probe_length - fixed - (bos is not None)) / per_filler))
-    probes = []
-    for i in range(args.num_probes):
-        prng = random.Random(f"{args.seed}-passkey-{i}")
-        key = str(prng.randrange(10000, 100000))
-        index = min(fillers, int((i + 0.5) / args.num_probes * (fillers + 1)))
-        text = (PASSKEY_FILLER * index + PASSKEY_NEEDLE.format(key=key)
-                + PASSKEY_FILLER * (fillers - index) + PASSKEY_QUESTION)
-        prompt_ids, answer_ids = _split_prompt_answer(tokenizer, text, " " + key)
-        if bos is not None:
-            prompt_ids = [bos] + prompt_ids
-        probes.append({
-            "key": "pass key", "value": key, "items": fillers, "index": index,
-            "depth": index / fillers, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
-        })
-    return probes
-
-
-def build_kv_probes(tokenizer, args) -> list[dict]:
-    """Python assignments ``k_qzw = 48213`` (random keys and 5-digit values), then
-    ``assert k_qzw ==``: a lookup among many similar lines, too hard for a 135M model
-    (0/10 at full cache for SmolLM2-135M-Instruct) but a finer test for bigger ones."""
-    bos = tokenizer.bos_token_id
-    rng = random.Random(args.seed)
-
-    def line(key: str, value: str) -> str:
-        return f"{key} = {value}\n"
-
-    def new_key(taken: set) -> str:
-        while True:
-            key = "k_" + "".join(rng.choice(string.ascii_lowercase) for _ in range(3))
-            if key not in taken:
-                taken.add(key)
-                return key
-
-    sample_keys: set = set()
-    sample = "".join(line(new_key(sample_keys), str(rng.randrange(10000, 100000)))
-                     for _ in range(32))
-    per_line = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 32
-    query_tokens = len(tokenizer("assert k_abc == 12345", add_special_tokens=False)
-                       ["input_ids"]) + (bos is not None)
-    num_pairs = max(2, int((args.probe_length - query_tokens) / per_line))
-
-    probes = []
-    for i in range(args.num_probes):
-        prng = random.Random(f"{args.seed}-probe-{i}")
-        taken: set = set()
-        keys = []
-        while len(keys) < num_pairs:
-            key = "k_" + "".join(prng.choice(string.ascii_lowercase) for _ in range(3))
-            if key not in taken:
-                taken.add(key)
-                keys.append(key)
-        values = [str(prng.randrange(10000, 100000)) for _ in keys]
-        index = min(num_pairs - 1, int((i + 0.5) / args.num_probes * num_pairs))
-        text = "".join(line(k, v) for k, v in zip(keys, values))
-        prompt_text = text + f"assert {keys[index]} =="
-        prompt_ids, answer_ids = _split_prompt_answer(tokenizer, prompt_text,
-                                                      " " + values[index])
-        if bos is not None:
-            prompt_ids = [bos] + prompt_ids
-        probes.append({
-            "key": keys[index], "value": values[index], "items": num_pairs,
-            "index": index, "depth": index / max(1, num_pairs - 1),
-            "prompt_ids": prompt_ids, "answer_ids": answer_ids,
-        })
-    return probes
-
-
-def run_probes(model, tokenizer, probes, policies, budgets, args, bar: Progress) -> dict:
-    from tova_vllm.reference import generate
-
-    results = {}
-    for budget in budgets:
-        names = ["*"] if budget.full else policies
-        for name in names:
-            if name != "*" and _budget_error(name, budget, args):
-                continue
-            policy = _policy("tova" if name == "*" else name, args)
-            correct, outputs = [], []
-            for i, probe in enumerate(probes):
-                prompt, answer = probe["prompt_ids"], probe["answer_ids"]
-                # Full: large enough that nothing is ever evicted.
-                size = len(prompt) + len(answer) if budget.full else budget.cache_size
-                saved = None
-                if args.cell_cache is not None:
-                    args.cell_cache.mkdir(parents=True, exist_ok=True)
-                    saved = _cell_file(args.cell_cache, model, prompt + answer,
-                                       f"probe-{policy.name}-chunk{args.probe_chunk}", size,
-                                       args).with_suffix(".json")
-                if saved is not None and saved.is_file():
-                    token_ids = json.loads(saved.read_text())
-                else:
-                    token_ids = generate(model, prompt, cache_size=size,
-                                         max_new_tokens=len(answer), prompt_mode="chunked",
-                                         prompt_chunk=args.probe_chunk,
-                                         policy=policy).token_ids
-                    if saved is not None:
-                        saved.with_suffix(".tmp").write_text(json.dumps(token_ids))
-                        saved.with_suffix(".tmp").replace(saved)
-                correct.append(token_ids == answer)
-                outputs.append(tokenizer.decode(token_ids))
-                bar.update(f"{'full' if name == '*' else name} C={budget.cache_size} p{i}")
-            results[(name, budget.cache_size)] = {"correct": correct, "outputs": outputs}
-    return results
-
-
-def summarize_probes(raw: dict, probes, policies, budgets, args) -> dict:
-    table: dict[str, dict[str, Any]] = {}
-    for name in policies:
-        row = {}
-        for budget in budgets:
-            key = ("*", budget.cache_size) if budget.full else (name, budget.cache_size)
-            cell: dict[str, Any] = {"cache_size": budget.cache_size, "label": budget.label,
-                                    "fraction": budget.fraction(args.probe_length),
-                                    "shared_full": budget.full}
-            if key not in raw:
-                cell.update(accuracy=None, error=_budget_error(name, budget, args))
-            else:
-                correct = raw[key]["correct"]
-                cell.update(accuracy=sum(correct) / len(correct), correct=correct,
-                            outputs=raw[key]["outputs"])
-            row[str(budget.cache_size)] = cell
-        table[name] = row
-    return table
-
-
-# --------------------------------------------------------------------------- reporting
-
-def _header(budgets: list[Budget]) -> str:
-    cols = []
-    for b in budgets:
-        if b.full:
-            cols.append(f"full (C={b.cache_size})")
-        elif b.label.isdigit():
-            cols.append(f"C={b.cache_size}")
-        else:
-            cols.append(f"C={b.cache_size} ({b.label})")
-    return "| policy | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-
-
-def _eviction_note(chunk: int) -> str:
-    if chunk == 1:
-        return "Every layer evicts down to C after every token."
-    return (f"Every layer evicts down to C every {chunk} tokens (chunked prompt mode), so "
-            f"it holds between C and C + {chunk - 1} tokens.")
-
-
-def _pct(ratio: float) -> str:
-    return f"{(ratio - 1) * 100:+.1f}%"
-
-
-def markdown_tables(results: dict) -> str:
-    parts = []
-    ppl = results.get("perplexity")
-    if ppl:
-        length = results["settings"]["length"]
-        budgets = [Budget(**b) for b in ppl["budgets"]]
-        for backend, table in ppl["tables"].items():
-            parts.append(f"### Perplexity ({backend}; {ppl['windows']} x {length} tokens, "
-                         f"{ppl['scored_tokens']} scored)\n\nText: {ppl['text']['source']}. "
-                         f"{_eviction_note(results['settings'].get('ppl_chunk', 1))}\n\n")
-            parts.append(_header(budgets))
-            for name, row in table.items():
-                cells = [("n/a" if c["perplexity"] is None else f"{c['perplexity']:.4g}")
-                         for c in row.values()]
-                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
-            parts.append(f"\nPer-window perplexity, min - max (std) over the "
-                         f"{ppl['windows']} windows ({backend}):\n\n")
-            parts.append(_header(budgets))
-            for name, row in table.items():
-                cells = [("n/a" if c["perplexity"] is None else
-                          f"{c['window_ppl_min']:.4g} - {c['window_ppl_max']:.4g} "
-                          f"({c['window_ppl_std']:.2g})") for c in row.values()]
-                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
-            parts.append(f"\nCost against the full cache: perplexity change, overall "
-                         f"(min .. max over the windows, each against itself at full "
-                         f"cache) ({backend}):\n\n")
-            parts.append(_header(budgets))
-            for name, row in table.items():
-                cells = [("n/a" if c.get("ratio_to_full") is None else
-                          f"{_pct(c['ratio_to_full'])} ({_pct(c['window_ratio_min'])} .. "
-                          f"{_pct(c['window_ratio_max'])})") for c in row.values()]
-                parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
-            if ppl["byte_level"]:
-                parts.append(f"\nBits per byte ({backend}):\n\n")
-                parts.append(_header(budgets))
-                for name, row in table.items():
-                    cells = [("n/a" if c["perplexity"] is None else f"{c['bits_per_byte']:.4f}")
-                             for c in row.values()]
-                    parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
-            parts.append("\n")
-        if "engine_vs_reference" in ppl:
-            diff = ppl["engine_vs_reference"]
-            parts.append(f"vLLM vs reference: max |per-token NLL difference| = "
-                         f"{diff['max_abs_token_nll_diff']:.3g}, max relative perplexity "
-                         f"difference = {diff['max_rel_ppl_diff']:.3g}\n\n")
-        s = ppl["sanity"]
-        parts.append(f"Sanity: full budget vs plain Hugging Face forward on window 0: max "
-                     f"|logprob difference| = {s['max_abs_diff']:.3g} (tolerance "
-                     f"{s['tolerance']:.3g}).\n\n")
-    probe = results.get("retrieval")
-    if probe:
-        budgets = [Budget(**b) for b in probe["budgets"]]
-        what = (f"pass key after 0..{probe['items']} of {probe['items']} filler sentences"
-                if probe["format"] == "passkey" else f"{probe['items']} key-value pairs")
-        parts.append(f"### Retrieval accuracy ({probe['format']}: {probe['num_probes']} probes "
-                     f"of ~{probe['mean_prompt_tokens']:.0f} tokens, {what}, prompt chunk "
-                     f"{probe['chunk']}; full cache: {probe['full_accuracy']:.0%})\n\n")
-        parts.append(_header(budgets))
-        for name, row in probe["table"].items():
-            cells = []
-            for c in row.values():
-                if c["accuracy"] is None:
-                    cells.append("n/a")
-                else:
-                    cells.append(f"{c['accuracy']:.2f} ({sum(c['correct'])}/{len(c['correct'])})")
-            parts.append(f"| {name} | " + " | ".join(cells) + " |\n")
-        parts.append("\n")
-        if probe["full_accuracy"] == 0:
-            parts.append("**Warning: the model retrieves nothing even with a full cache; "
-                         "the probe measures nothing for this model.**\n\n")
-        elif probe["full_accuracy"] < 0.5:
-            parts.append(f"**Warning: full-cache accuracy is only "
-                         f"{probe['full_accuracy']:.2f}; the probe says little for this "
-                         "model.**\n\n")
-    return "".join(parts)
-
-
-def _plot_policies(ax, table: dict, metric: str, xlabel: str, title: str,
-                   ylabel: Optional[str] = None,
-                   band: Optional[tuple[str, str]] = None) -> list[float]:
-    """One line per policy of ``metric`` against the budget fraction (log2 x axis), with
-    a shaded ``band`` (two cell keys: low, high) when given; returns the plotted values."""
-    values = []
-    for name, row in table.items():
-        cells = [c for c in row.values() if c.get(metric) is not None]
-        xs = [c["fraction"] for c in cells]
-        ys = [c[metric] for c in cells]
-        values += ys
-        (line,) = ax.plot(xs, ys, marker="o", label=name)
-        if band is not None:
-            low = [c[band[0]] for c in cells]
-            high = [c[band[1]] for c in cells]
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
-            values += low + high
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel or metric)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return values
-
-
-def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        print("warning: matplotlib is not installed; no quality.png "
-              "(pip install -e '.[eval]')", file=sys.stderr)
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
-    ppl = results.get("perplexity")
-    if ppl:
-        backend = "reference" if "reference" in ppl["tables"] else next(iter(ppl["tables"]))
-        table = ppl["tables"][backend]
-        n, length = ppl["windows"], results["settings"]["length"]
-        values = _plot_policies(left, table, "perplexity", "cache budget C / N",
-                                f"Perplexity ({backend}, {n} x {length} tokens;\n"
-                                "band: per-window min..max)",
-                                band=("window_ppl_min", "window_ppl_max"))
-        if values and max(values) / min(values) > 20:
-            left.set_yscale("log")
-        ratios = _plot_policies(middle, table, "ratio_to_full", "cache budget C / N",
-                                "Perplexity / full-cache perplexity, paired by window\n"
-                                "(band: per-window min..max)",
-                                ylabel="perplexity / full-cache perplexity",
-                                band=("window_ratio_min", "window_ratio_max"))
-        if ratios and max(ratios) > 3:  # a policy that breaks down would flatten the rest
-            middle.set_yscale("log")
-    else:
-        left.set_axis_off()
-        middle.set_axis_off()
-    probe = results.get("retrieval")
-    if probe:
-        _plot_policies(right, probe["table"], "accuracy", "cache budget C / probe length",
-                       f"Retrieval: {probe['format']} (~{probe['probe_length']} tokens)\n"
-                       f"full cache: {probe['full_accuracy']:.0%}",
-                       ylabel="exact-match accuracy")
-        right.set_ylim(-0.05, 1.05)
-    else:
-        right.set_axis_off()
-    fig.suptitle(Path(results["model"]).name or results["model"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-# --------------------------------------------------------------------------- main
-
 def _load_model(path: str, args):
     import torch
     from transformers import AutoModelForCausalLM
@@ -974,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.backend in ("reference", "both"):
             cells = sum(
                 1 for b in budgets for n in (["*"] if b.full else args.policies)
-                if n == "*" or not _budget_error(n, b, args)
+                if n == "*" or not budget_error(n, b, args)
             ) * len(windows)
             bar = Progress(cells, "perplexity")
             nlls["reference"] = ppl_reference(model, windows, args.policies, budgets, args,
@@ -1025,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         budgets = parse_budgets(args.probe_budgets, args.probe_length)
         probes = build_probes(tokenizer, args)
         cells = sum(1 for b in budgets for n in (["*"] if b.full else args.policies)
-                    if n == "*" or not _budget_error(n, b, args)) * len(probes)
+                    if n == "*" or not budget_error(n, b, args)) * len(probes)
         bar = Progress(cells, "retrieval")
         raw = run_probes(model, tokenizer, probes, args.policies, budgets, args, bar)
         bar.close()
@@ -1064,7 +335,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"wrote {', '.join(str(args.out / w) for w in wrote)} "
           f"({results['wall_time_s']:.1f} s)")
     return results
-
 
 if __name__ == "__main__":  # vLLM spawns processes
     main()
