@@ -147,12 +147,15 @@ def read_kv_state(base_url: str) -> KvState:
 
 _COUNTERS = {"vllm:request_success_total": "finished", "vllm:num_preemptions_total": "preemptions",
              "vllm:prompt_tokens_total": "prompt tokens",
-             "vllm:generation_tokens_total": "generation tokens"}
+             "vllm:generation_tokens_total": "generation tokens",
+             "vllm:prefix_cache_queries_total": "prefix cache queries",
+             "vllm:prefix_cache_hits_total": "prefix cache hits"}
 
 
 def read_counters(base_url: str) -> Counter:
     """Server-side counters to compare before and after the run: finished requests by
-    reason, preemptions, prompt and generation tokens (summed over engines)."""
+    reason, preemptions, prompt and generation tokens, prefix-cache queries and hits
+    (summed over engines)."""
     status, text = http_get(f"{base_url}/metrics")
     if status != 200:
         raise RuntimeError(f"GET /metrics answered {status}: {text[:200]}")

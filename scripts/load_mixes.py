@@ -7,6 +7,9 @@ Kinds (shares in ``MIX``): ``greedy`` (streamed, temperature 0), ``seeded`` (tem
 (non-streamed, the prompt echoed with its prompt logprobs), ``budget`` (a per-request
 ``tova_cache_size`` / ``tova_policy``), ``bad`` (a bad per-request value: must be refused
 with 400 naming it, streamed or not).  A share of the streamed ones disconnect mid-stream.
+Half of the prompts of every kind begin with one of a few shared prefixes, so requests hit
+vLLM's prefix cache (TOVA keeps it on, evicting copy-on-write) while others evict, abort
+and disconnect beside them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ TOKEN_ID_RANGE = (3, 96)  # the tiny byte-level tokenizer's clean ids (as tests/
 MIX = {"greedy": 4, "seeded": 2, "n2": 1, "stop": 1, "logprobs": 1, "echo": 1, "budget": 2,
        "bad": 1}
 POLICIES = ("tova", "window", "sink_window", "h2o")
+SHARED_PREFIXES = 3  # distinct shared prompt beginnings
+SHARED_SHARE = 0.5  # share of the prompts that begin with one
 BAD_XARGS = (  # (vllm_xargs, the parameter the refusal must name)
     ({"tova_cache_size": True}, "tova_cache_size"),
     ({"tova_cache_size": 0}, "tova_cache_size"),
@@ -87,6 +92,8 @@ def make_jobs(args) -> list[Job]:
     kinds = [k for k, share in MIX.items() for _ in range(share)]
     jobs = []
     short_max = min(args.cache_size, args.max_prompt)
+    prefixes = [[rng.randint(*TOKEN_ID_RANGE) for _ in range(args.max_prompt)]
+                for _ in range(SHARED_PREFIXES)]
     for i in range(args.requests):
         kind = rng.choice(kinds)
         # A third of the prompts fit in the TOVA budget, the rest must evict.
@@ -95,6 +102,9 @@ def make_jobs(args) -> list[Job]:
         else:
             length = rng.randint(max(args.min_prompt, short_max + 1), args.max_prompt)
         prompt = [rng.randint(*TOKEN_ID_RANGE) for _ in range(length)]
+        if rng.random() < SHARED_SHARE:  # a shared beginning, then the prompt's own tail
+            shared = rng.choice(prefixes)[: length - max(1, length // 8)]
+            prompt = shared + prompt[len(shared):]
         max_tokens = rng.randint(args.min_tokens, args.max_tokens)
         body, refused_param = _kind_body(kind, rng, args.cache_size)
         job = Job(i, kind, prompt, max_tokens, None, body, refused_param)

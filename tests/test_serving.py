@@ -363,18 +363,19 @@ def test_metrics_count_evictions_and_saved_blocks(client, server):
     assert after - before == len(PROMPTS[LONG]) + MAX_TOKENS - 1 - CACHE_SIZE
 
     # Mid-stream, a long request holds ceil(33 / 32) = 2 blocks instead of ceil(n / 32).
-    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], max_tokens=400,
+    # Read the gauges in a scrape that shows the request still running: the engine may run
+    # ahead of the client (the prompt is a prefix-cache hit by now).
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[LONG], max_tokens=800,
                                        temperature=0, extra_body=EXTRA, stream=True)
     seen = []
     for i, _chunk in enumerate(stream):
-        if i == 150:
-            import time
-
-            time.sleep(0.3)  # let the stats of a later step arrive
-            seen.append(_tova_metrics(server))
-        if i > 150:
-            break
+        if i >= 150:
+            gauges = _tova_metrics(server)
+            if _vllm_counter(server, "vllm:num_requests_running") == 1:
+                seen.append(gauges)
+                break
     stream.close()
+    assert seen, "the request finished before a scrape saw it running"
     during = seen[0]
     assert during["tova_kv_blocks_held"] == 2
     assert during["tova_kv_blocks_saved"] >= -(-(len(PROMPTS[LONG]) + 150) // BLOCK_SIZE) - 2
