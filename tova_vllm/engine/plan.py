@@ -242,7 +242,8 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
     raw_table = block_table
     relocating = None
     if copy_on_write:
-        first = _first_evictions(requests, budget)
+        first = torch.tensor([r.schedule().first_eviction() for r in requests],
+                             dtype=torch.long)
         private = -(-first // block_size)
         block_table = from_bases(raw_table, torch.where(computed >= first, private, 0))
         relocating = computed + 1 == first
@@ -284,13 +285,7 @@ def _plan_decode(requests: Sequence[RequestStep], block_table: torch.Tensor,
     )
 
 
-def _first_evictions(requests: Sequence[RequestStep], budget: torch.Tensor) -> torch.Tensor:
-    """``EvictionSchedule.first_eviction`` of every row (the first boundary past C)."""
-    first = [r.cache_size + 1 if r.cache_size + 1 >= r.prompt_len
-             else r.prompt_len if r.prompt_chunk is None
-             else min(r.prompt_len, (r.cache_size // r.prompt_chunk + 1) * r.prompt_chunk)
-             for r in requests]
-    return torch.tensor(first, dtype=torch.long)
+
 
 
 def _eviction_batch(rows, query_index, query_position, live, keep, block_table, block_size):
