@@ -104,13 +104,25 @@ def main() -> None:
             samples.append(time.perf_counter() - start)
         return statistics.median(samples) * 1e3
 
+    import os
+
+    from tova_vllm.engine import native
+
     t_attn, t_evict = timed(attention), timed(evict)
+    reader = "in place (C)" if native.library() is not None else "torch copy"
+    # The same eviction with K copied by torch, as without a C compiler.
+    os.environ["TOVA_VLLM_NATIVE"] = "0"
+    native.library.cache_clear()
+    t_copy = timed(evict)
     kv_mb = 2 * E * live * args.kv_heads * D * torch.finfo(dtype).bits / 8 / 1e6
     print(f"one layer, one decode step: {E} requests x {live} cached positions, "
           f"{args.q_heads}/{args.kv_heads} heads x {D}, {args.dtype}, isa {isa}, "
           f"{torch.get_num_threads()} threads, K+V {kv_mb:.0f} MB")
     print(f"  vLLM attention kernel   {t_attn:8.2f} ms")
-    print(f"  TOVA eviction           {t_evict:8.2f} ms  (x{t_evict / t_attn:.2f} of attention)")
+    print(f"  TOVA eviction           {t_evict:8.2f} ms  (x{t_evict / t_attn:.2f} of attention)"
+          f"  K read {reader}")
+    print(f"  TOVA eviction, K copied {t_copy:8.2f} ms  (x{t_copy / t_attn:.2f} of attention)"
+          "  TOVA_VLLM_NATIVE=0")
 
 
 if __name__ == "__main__":

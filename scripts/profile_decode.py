@@ -77,6 +77,7 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(CPUAttentionBackendImpl, "forward", "attention kernel (stock forward)")
     clock.wrap(phase_loop.TovaImplMixin, "forward", "tova: layer forward (incl. kernel)")
     clock.wrap(evictor.Evictor, "evict", "tova: evict")
+    clock.wrap(cpu_evictor.CpuEvictor, "evict_layers", "tova: evict_layers (all layers at once)")
     clock.wrap(cpu_evictor.CpuEvictor, "tova_scores", "tova: evict/scores")
     clock.wrap(cpu_evictor.CpuEvictor, "compact", "tova: evict/compact")
     clock.wrap(cpu_evictor.CpuEvictor, "decode_moves", "tova: evict/decode_moves")
@@ -153,7 +154,7 @@ def main() -> None:
             print(f"[profile] {name} ...", file=sys.stderr, flush=True)
             clock.steps = []
             step_ms, n, prof = profile(model, tova, prompts, args.steps,
-                                       args.torch_profile and tova is not None, clock,
+                                       args.torch_profile, clock,
                                        args.prefix_caching)
             rows[name] = (step_ms, n, clock.medians_ms())
             if prof is not None:

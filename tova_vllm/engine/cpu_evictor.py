@@ -14,6 +14,7 @@ from ..kernels.torch_ref import decode_moves
 from ..policies import head_summed_probs_from_logits, position_to_drop
 from .cpu_layout import PageLayout, probe_page_layout
 from .evictor import AllReduce, Evictor
+from . import native
 from .plan import EvictionBatch, QueryBatch
 
 
@@ -41,6 +42,12 @@ class CpuEvictor(Evictor):
         if select is not None:
             block_ids, block_offsets = block_ids[select], block_offsets[select]
             qidx, table, padding = qidx[select], table[select], padding[select]
+        width = block_ids.shape[1]
+        live = ev.live if select is None else ev.live[select]
+        logits = native.key_logits(pages, self.layout(pages), table, query[qidx], self.scale,
+                                   live=live)
+        if logits is not None:  # padding already -inf
+            return self.head_mean(head_summed_probs_from_logits(logits))[:, :width]
         logits = last_query_logits(pages, self.layout(pages), block_ids, block_offsets,
                                    query[qidx], self.scale, table)
         return self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
@@ -49,22 +56,29 @@ class CpuEvictor(Evictor):
         pages = kv_caches[0]
         layout = self.layout(pages)
         num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
-        table = ev.block_table.reshape(-1)
-        blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
-                          + (pages.shape[2] // 2, pages.shape[3]), pages.dtype)
-        for layer, layer_pages in enumerate(kv_caches):
-            copy_key_blocks(layer_pages, table, blocks[layer])
         # Layer l's row e is row l * E + e of one batch of L * E rows.
-        logits = logits_from_key_blocks(blocks.view(-1, *blocks.shape[2:]), layout,
-                                        torch.cat(queries), self.scale, width)
         padding = ev.padding.repeat(num_layers, 1)
-        scores = self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
+        logits = _layer_logits_in_place(kv_caches, layout, ev.block_table, queries,
+                                        self.scale, ev.live)
+        if logits is not None:  # padding already -inf
+            scores = self.head_mean(head_summed_probs_from_logits(logits))[:, :width]
+        else:
+            table = ev.block_table.reshape(-1)
+            blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
+                              + (pages.shape[2] // 2, pages.shape[3]), pages.dtype)
+            for layer, layer_pages in enumerate(kv_caches):
+                copy_key_blocks(layer_pages, table, blocks[layer])
+            logits = logits_from_key_blocks(blocks.view(-1, *blocks.shape[2:]), layout,
+                                            torch.cat(queries), self.scale, width)
+            scores = self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
         drop = position_to_drop(scores, ev.live.repeat(num_layers), padding).view(num_layers, rows)
         # Decode rule: the last live position moves into the dropped one.
         row_ids = torch.arange(rows)
         src = ev.slots[row_ids, ev.live.long() - 1]
         dst = ev.slots[row_ids.expand(num_layers, rows), drop]
         elements = self._elements(pages)
+        if native.copy_slots(kv_caches, elements, src, dst):
+            return
         src_index, dst_index = slot_index(elements, src, pages), slot_index(elements, dst, pages)
         for layer, layer_pages in enumerate(kv_caches):
             flat = layer_pages.view(-1)
@@ -120,6 +134,8 @@ def copy_slots(pages: torch.Tensor, elements: torch.Tensor, src_slots: torch.Ten
     """Copy K and V, all heads, of each source slot onto its destination slot (1-D).
     Sources and destinations must be disjoint sets (or equal pairs): all reads happen
     before any write."""
+    if native.copy_slots(pages, elements, src_slots, dst_slots):
+        return
     flat = pages.view(-1)
     flat[slot_index(elements, dst_slots, pages)] = flat[slot_index(elements, src_slots, pages)]
 
@@ -139,11 +155,31 @@ def last_query_logits(pages: torch.Tensor, layout: PageLayout, block_ids: torch.
     per_row = -(-width // block_size)
     # Each row's blocks (``block_table``, when the caller has it: ``EvictionBatch``).
     table = block_ids[:, ::block_size] if block_table is None else block_table
+    in_place = native.key_logits(pages, layout, table[:, :per_row], query, scale)
+    if in_place is not None:
+        return in_place[..., :width]
     blocks = _scratch("blocks", (1, rows * per_row) + pages.shape[1:2] + (block_size, pages.shape[3]),
                       pages.dtype)
     copy_key_blocks(pages, table[:, :per_row].reshape(-1), blocks[0])
     return logits_from_key_blocks(blocks.view(rows * per_row, *blocks.shape[2:]), layout,
                                   query, scale, width)
+
+
+def _layer_logits_in_place(kv_caches: list[torch.Tensor], layout: PageLayout,
+                           block_table: torch.Tensor, queries: list[torch.Tensor],
+                           scale: float, live: torch.Tensor) -> Optional[torch.Tensor]:
+    """The layer batch's logits ``[L * E, kv_heads, group, blocks * bs]`` read in place
+    (padding -inf) by one call over all layers; None when the in-place reader cannot run."""
+    pages = kv_caches[0]
+    rows, per_row = block_table.shape
+    kv_heads, block_size = pages.shape[1], pages.shape[2] // 2
+    group = queries[0].shape[1] // kv_heads
+    out = _scratch("layer_logits", (len(kv_caches), rows, kv_heads, group,
+                                    per_row * block_size), torch.float32)
+    if native.key_logits(kv_caches, layout, block_table, torch.stack(queries), scale,
+                         live=live, out=out) is None:
+        return None
+    return out.view(-1, kv_heads, group, per_row * block_size)
 
 
 def copy_key_blocks(pages: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,0 +1,192 @@
+"""The in-place K reader for CPU scoring (``csrc/key_logits.c``), built on first use.
+
+The torch scorer copies K blocks before multiplying them; at real layer shapes that copy
+is most of an eviction's cost.  This small C file reads K where vLLM's pages hold it.  It
+has no torch or Python headers, so ``gcc`` builds it in about a second, for this machine's
+CPU (``-march=native``), into ``$XDG_CACHE_HOME/tova-vllm/native`` under a name that hashes
+the source, the compiler and the CPU flags (a home directory shared between machines gets
+one library per CPU).  Without a compiler, or with ``TOVA_VLLM_NATIVE=0``, the torch path
+runs instead (one warning line says so); both give the same logits up to float rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .cpu_layout import PageLayout
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "key_logits.c"
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "tova-vllm" / "native"
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built library, or None (disabled, or no working compiler: warned once)."""
+    if os.environ.get("TOVA_VLLM_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.warning("tova-vllm: no C compiler found; CPU scoring copies K (slower). "
+                       "Install gcc to read K in place.")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + version.encode() + _cpu_flags().encode()
+                             + platform.machine().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"key_logits-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Built beside the target and renamed: concurrent workers never load a half file.
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC",
+                                "-fopenmp", str(SOURCE), "-o", str(built)],
+                               check=True, capture_output=True, text=True, timeout=300)
+                os.replace(built, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("tova-vllm: building %s failed (%s); CPU scoring copies K (slower)",
+                       SOURCE.name, str(detail).strip()[:500])
+        return None
+    fn = lib.tova_key_logits
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.tova_copy_slots
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    return lib
+
+
+def key_tiling(layout: PageLayout, block_size: int, head_size: int
+               ) -> Optional[tuple[int, int]]:
+    """(T, P) when the K half page is ``[bs / T][D / P][T][P]``, else None."""
+    if layout.key_kind == "transposed":
+        return block_size, 1
+    if layout.key_kind == "rows":
+        return 1, head_size
+    if layout.key_tiles is not None and layout.key_tiles[1] == (0, 2, 1, 3):
+        _, _, tile, group = layout.key_tiles[0]
+        return tile, group
+    return None
+
+
+def _pointers(pages: list[torch.Tensor]):
+    return (ctypes.c_void_p * len(pages))(*(p.data_ptr() for p in pages))
+
+
+def _readable(pages: list[torch.Tensor]) -> bool:
+    first = pages[0]
+    return all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == first.dtype
+               and p.shape == first.shape for p in pages)
+
+
+def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torch.Tensor,
+               scale: float, live: Optional[torch.Tensor] = None,
+               out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """fp32 ``q.k * scale`` of one query per row over the row's blocks, read in place:
+    ``[E, kv_heads, group, per_row * bs]``; positions at or past ``live[e]`` are -inf
+    (without ``live``, whatever the blocks hold there).  None when this path cannot run
+    (no library, a layout it does not know, a dtype it does not read): the caller uses
+    the torch path.
+
+    ``pages`` ``[num_blocks, kv_heads, 2 * bs, D]``, or a list of L such (layers with the
+    same block table: then ``query`` is ``[L, E, q_heads, D]`` and the result gains a
+    leading L); ``block_table`` ``[E, per_row]`` of block ids (checked below
+    ``num_blocks``: the C code trusts them); ``query`` ``[E, q_heads, D]``; ``out`` an
+    optional buffer.
+    """
+    layers = list(pages) if isinstance(pages, (list, tuple)) else [pages]
+    lib = library()
+    first = layers[0]
+    block_size, head_size = first.shape[2] // 2, first.shape[3]
+    tiling = None if lib is None else key_tiling(layout, block_size, head_size)
+    if tiling is None or first.dtype not in _DTYPES or not _readable(layers):
+        return None
+    rows, per_row = block_table.shape
+    kv_heads = first.shape[1]
+    group = query.shape[-2] // kv_heads
+    table = block_table.to(torch.int32).contiguous()
+    if table.numel() and not (0 <= int(table.min()) and int(table.max()) < first.shape[0]):
+        raise IndexError(f"tova-vllm: block table holds ids outside 0..{first.shape[0] - 1}")
+    q = query.to(torch.float32).contiguous()
+    lengths = None if live is None else live.to(torch.int32).contiguous()
+    shape = (rows, kv_heads, group, per_row * block_size)
+    if isinstance(pages, (list, tuple)):
+        shape = (len(layers),) + shape
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    if rows == 0:
+        return out
+    status = lib.tova_key_logits(
+        _pointers(layers), len(layers), _DTYPES[first.dtype], first[0].numel(), kv_heads,
+        block_size, head_size, tiling[0], tiling[1], table.data_ptr(), rows, per_row,
+        q.data_ptr(), group, float(scale), None if lengths is None else lengths.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"tova-vllm: {SOURCE.name} rejected tiling {tiling} for "
+                           f"{first.dtype} pages")
+    return out
+
+
+def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """``cpu_evictor.copy_slots`` without index tensors: False when the library is not
+    there (the caller indexes instead).  ``pages`` one layer's pages with 1-D ``src`` and
+    ``dst``, or a list of L layers with ``dst`` ``[L, n]`` and ``src`` ``[n]`` (shared)
+    or ``[L, n]``.  Slots are checked to lie in the pages."""
+    layers = list(pages) if isinstance(pages, (list, tuple)) else [pages]
+    if library() is None or not _readable(layers):
+        return False
+    src = src.to(torch.int64).contiguous()
+    dst = dst.to(torch.int64).contiguous()
+    n = dst.shape[-1]
+    if n == 0:
+        return True
+    block_size = elements.shape[0]
+    limit = layers[0].shape[0] * block_size
+    if min(int(src.min()), int(dst.min())) < 0 or max(int(src.max()), int(dst.max())) >= limit:
+        raise IndexError(f"tova-vllm: slots outside 0..{limit - 1}")
+    elements = elements.to(torch.int64).contiguous()
+    status = library().tova_copy_slots(
+        _pointers(layers), len(layers), layers[0].element_size(), layers[0][0].numel(),
+        block_size, elements.data_ptr(), elements.shape[1], src.data_ptr(),
+        n if src.dim() == 2 else 0, dst.data_ptr(), n if dst.dim() == 2 else 0, n)
+    if status != 0:
+        raise RuntimeError(f"tova-vllm: cannot copy {layers[0].dtype} slots natively")
+    return True
