@@ -14,6 +14,8 @@ Fixtures:
   module.  Tiny-model tests are all small ops, and with more threads than free cores
   (other jobs on the box) OpenMP spin-waiting made them 10x-40x slower.  Opt in with
   ``pytestmark = pytest.mark.usefixtures("torch_single_thread")``.
+* ``k_reader``: runs a test twice, with the CPU scorer's C reader of K and without it
+  (``TOVA_VLLM_NATIVE=0``: torch copies K, as on a machine without a C compiler).
 
 Engine fixtures belong in their own sections below (or in a plugin module listed in
 ``pytest_plugins``) so that this file stays a thin index.
@@ -90,3 +92,18 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["in place", "torch copy"])
+def k_reader(request, monkeypatch):
+    """Both ways the CPU scorer reads K: the C reader (``native.py``) and, as without a
+    C compiler, torch's block copy."""
+    from tova_vllm.engine import native
+
+    if request.param == "torch copy":
+        monkeypatch.setenv("TOVA_VLLM_NATIVE", "0")
+    native.library.cache_clear()
+    assert (native.library() is None) == (request.param == "torch copy")
+    yield request.param
+    monkeypatch.undo()
+    native.library.cache_clear()

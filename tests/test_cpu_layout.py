@@ -294,10 +294,11 @@ def test_decoder_rejects_an_unwritten_element():
 
 @pytest.mark.parametrize("dtype,block_size,head_size,kv_heads", GRID, ids=IDS)
 def test_last_query_logits_fast_path_equals_written_keys(dtype, block_size, head_size,
-                                                          kv_heads):
-    """The scorer's block-wise path (a matmul against each block's raw K) gives the logits
-    of the keys vLLM's op wrote, for ragged rows over shuffled blocks; the padding positions
-    past ``live`` are the engine's to mask, so only live positions are compared."""
+                                                          kv_heads, k_reader):
+    """The scorer (K read in place, or a matmul against each copied block's raw K) gives
+    the logits of the keys vLLM's op wrote, for ragged rows over shuffled blocks; the
+    padding positions past ``live`` are the engine's to mask, so only live positions are
+    compared."""
     from tova_vllm.engine.cpu_evictor import last_query_logits
     from tova_vllm.policies import gqa_logits
 

@@ -69,7 +69,7 @@ def _decode_batch(budgets, block_size, num_blocks, gen) -> EvictionBatch:
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads", GRID, ids=IDS)
 def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_heads, kv_heads,
-                                            num_layers):
+                                            num_layers, k_reader):
     gen = torch.Generator().manual_seed(block_size * 100 + head_size + num_layers)
     isa = _get_attn_isa(dtype, block_size, head_size, "auto")
     budgets = [7, 40, 2 * block_size, 1, 40]  # rows of different widths: padding in play

@@ -90,9 +90,10 @@ def test_prefix_caching_stays_as_set(caching, tiny_models):
     args = EngineArgs(model=str(tiny_models["llama_gqa"]), enable_prefix_caching=caching,
                       additional_config=tova)
     assert args.create_engine_config().cache_config.enable_prefix_caching is caching
-    line = startup_line(settings_from_additional_config(tova), caching)
+    line = startup_line(settings_from_additional_config(tova), caching, "K read in place")
     assert ("prefix caching on (copy-on-write" in line) == caching, line
     assert ("prefix caching off" in line) != caching, line
+    assert "; CPU scoring: K read in place." in line, line
 
 
 def test_version_gate(monkeypatch):

@@ -46,10 +46,25 @@ def adjust_and_validate(vllm_config, before_post_init: bool) -> None:
         # the line of the process that built the config.
         if multiprocessing.parent_process() is None:
             logger.info("%s", startup_line(
-                settings, bool(vllm_config.cache_config.enable_prefix_caching)))
+                settings, bool(vllm_config.cache_config.enable_prefix_caching),
+                _cpu_scoring()))
 
 
-def startup_line(settings, prefix_caching: bool) -> str:
+def _cpu_scoring() -> str:
+    """How this machine's CPU scorer reads K (building the C reader now, once, so a
+    missing compiler shows at start-up rather than at the first eviction)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return ""
+    from .native import library
+
+    lib = library()
+    return ("K read in place by " + lib._name if lib is not None else
+            "K copied by torch (slower: no C reader, see the warning above)")
+
+
+def startup_line(settings, prefix_caching: bool, cpu_scoring: str = "") -> str:
     """Everything TOVA changes, in one log line (the budget, the policy, what is off)."""
     mode = settings.prompt_mode + (f" (prompt_chunk={settings.prompt_chunk}: peak C + "
                                    f"{settings.prompt_chunk} per request)"
@@ -66,6 +81,7 @@ def startup_line(settings, prefix_caching: bool) -> str:
         + ("on (copy-on-write: blocks written before a request's first eviction are shared "
            "and cached as usual; that eviction gathers the survivors into private blocks)"
            if prefix_caching else "off")
+        + (f"; CPU scoring: {cpu_scoring}" if cpu_scoring else "")
         + '. Per request: vllm_xargs / extra_args "tova_cache_size" (<= cache_size), '
         '"tova_policy"'
     )

@@ -70,9 +70,15 @@ def library() -> Optional[ctypes.CDLL]:
             # Built beside the target and renamed: concurrent workers never load a half file.
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC",
-                                "-fopenmp", str(SOURCE), "-o", str(built)],
-                               check=True, capture_output=True, text=True, timeout=300)
+                command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(SOURCE),
+                           "-o", str(built)]
+                try:
+                    subprocess.run(command + ["-fopenmp"], check=True, capture_output=True,
+                                   text=True, timeout=300)
+                except subprocess.CalledProcessError:
+                    # A compiler without OpenMP (clang without libomp): one thread.
+                    subprocess.run(command, check=True, capture_output=True, text=True,
+                                   timeout=300)
                 os.replace(built, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:

@@ -10,7 +10,6 @@
  * library binds to the same runtime and its warm thread pool (a second pool would spin
  * against torch's on the same cores).
  */
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
