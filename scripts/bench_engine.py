@@ -74,6 +74,19 @@ def measure(model_dir, tova, requests, *, blocks, block_size, max_model_len, lon
     return stats
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One engine's rounds: median tokens/s, the largest peak and concurrency, the median
+    preemption count."""
+    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in runs),
+            "peak_blocks": max(s["peak_blocks"] for s in runs),
+            "max_decoding": max(s["max_decoding"] for s in runs),
+            "preemptions": statistics.median_low(s["preemptions"] for s in runs)}
+
+
+def _pooled_steps(runs: list[dict]) -> dict:
+    return {"decode_step_s": [step for s in runs for step in s["decode_step_s"]]}
+
+
 def real_text_prompts(lengths, seed: int = 0, *, model: str) -> list[tuple[int, ...]]:
     """Consecutive, distinct slices of real text (it ships with every Python) in the
     model's tokens."""
@@ -108,6 +121,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--policies", default="tova",
                         help="comma-separated eviction policies to measure at --cache-size")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every engine this many times, round-robin, and report "
+                             "medians (a shared machine's speed drifts between engines)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="every engine, vanilla too, without prefix caching (TOVA then "
                         "evicts in place instead of copy-on-write)")
@@ -130,28 +146,36 @@ def main() -> None:
         long_after = args.prompt + args.max_tokens // 2
         common = dict(blocks=args.blocks, block_size=bs, max_model_len=max_model_len,
                       long_after=long_after, prefix_caching=args.prefix_caching)
-        rows = {"vanilla": measure(model, None, requests, **common)}
-        # The ceiling: vanilla with a pool that holds every request at full length.
         per_request = -(-(args.prompt + args.max_tokens) // bs)
-        rows["vanilla, pool for all"] = measure(
-            model, None, requests, **dict(common, blocks=args.requests * per_request + 1))
-        for policy in policies:
-            rows[f"{policy} C={args.cache_size}"] = measure(
-                model, {"cache_size": args.cache_size, "policy": policy}, requests, **common)
-        rows["TOVA C>=len (no eviction)"] = measure(model, {"cache_size": max_model_len},
-                                                    requests, **common)
+        engines = [("vanilla", None, common),
+                   # The ceiling: vanilla with a pool that holds every request at full length.
+                   ("vanilla, pool for all", None,
+                    dict(common, blocks=args.requests * per_request + 1))]
+        engines += [(f"{policy} C={args.cache_size}", {"cache_size": args.cache_size,
+                                                       "policy": policy}, common)
+                    for policy in policies]
+        engines.append(("TOVA C>=len (no eviction)", {"cache_size": max_model_len}, common))
         big = dict(blocks=4096, block_size=bs, max_model_len=1024,
                    prefix_caching=args.prefix_caching)
-        step_vanilla = measure(model, None, step_requests, **big)
-        step_policy = {
-            policy: measure(model, {"cache_size": args.cache_size, "policy": policy},
-                            step_requests, **big)
-            for policy in policies
-        }
+        step_engines = [("vanilla", None)] + [
+            (policy, {"cache_size": args.cache_size, "policy": policy}) for policy in policies]
+        runs = {name: [] for name, _, _ in engines}
+        step_runs = {name: [] for name, _ in step_engines}
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"[bench] round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            for name, tova, settings in engines:
+                runs[name].append(measure(model, tova, requests, **settings))
+            for name, tova in step_engines:
+                step_runs[name].append(measure(model, tova, step_requests, **big))
+        rows = {name: _median_run(stats) for name, stats in runs.items()}
+        step_vanilla = _pooled_steps(step_runs["vanilla"])
+        step_policy = {name: _pooled_steps(step_runs[name]) for name, _ in step_engines[1:]}
 
     print(f"\nworkload: {args.requests} requests x (prompt {args.prompt} + {args.max_tokens} "
           f"generated), pool {args.blocks - 1} usable blocks of {bs} tokens, "
-          f"model {args.model or args.arch}, prefix caching "
+          + (f"median of {args.rounds} round-robin rounds, " if args.rounds > 1 else "")
+          + f"model {args.model or args.arch}, prefix caching "
           f"{'on (TOVA: copy-on-write)' if args.prefix_caching else 'off'}")
     print(f"{'engine':<28}{'out tok/s':>10}{'x vanilla':>10}{'peak blocks':>12}"
           f"{'max at >' + str(long_after) + ' tok':>17}{'preemptions':>12}")
