@@ -92,6 +92,56 @@ def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_head
         assert not torch.equal(got, before), f"layer {layer}: nothing moved"
 
 
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads", GRID[::3],
+                         ids=IDS[::3])
+def test_evict_layers_with_policy_groups_equals_layer_by_layer(
+        dtype, block_size, head_size, q_heads, kv_heads, num_layers, k_reader):
+    """Rows of TOVA, ``window`` and ``sink_window`` in one batch: every layer's cache and
+    side state (positions and accumulated attention) end exactly as evicting layer by
+    layer through the general path leaves them."""
+    from tova_vllm.engine.side_state import SlotSideState, group_rows
+    from tova_vllm.policies import EvictionPolicy
+
+    gen = torch.Generator().manual_seed(block_size * 10 + head_size + num_layers)
+    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
+    budgets = [7, 40, 2 * block_size, 9, 40, 12]
+    policies = [EvictionPolicy(name) for name in
+                ("window", "tova", "sink_window", "tova", "window", "sink_window")]
+    num_blocks = len(budgets) * (-(-(max(budgets) + 1) // block_size)) + 3
+    ev = _decode_batch(budgets, block_size, num_blocks, gen)
+    caches = _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype,
+                           isa, gen)
+    queries = [(3 * torch.randn(len(budgets), q_heads, head_size, generator=gen)).to(dtype)
+               for _ in range(num_layers)]
+    sides = []
+    for _ in range(num_layers):
+        side = SlotSideState(num_blocks * block_size, torch.device("cpu"))
+        for e, budget in enumerate(budgets):
+            # Distinct logical positions below the query's, shuffled over the cache slots
+            # (evictions reorder a cache): the lowest is not at cache position 0.
+            logical = torch.randperm(budget + 60, generator=gen)[: budget + 1]
+            side.write(ev.slots[e, : budget + 1], logical)
+        side.accumulated.uniform_(generator=gen)
+        sides.append(side)
+    groups = group_rows(policies, torch.device("cpu"))
+    evictor = CpuEvictor(isa, head_size, q_heads, head_size ** -0.5)
+
+    expected_caches = [c.clone() for c in caches]
+    expected_sides = [(s.positions.clone(), s.accumulated.clone()) for s in sides]
+    for layer in range(num_layers):
+        side = SlotSideState(sides[layer].num_slots, torch.device("cpu"))
+        side.positions, side.accumulated = expected_sides[layer]
+        evictor.evict(queries[layer], expected_caches[layer], ev, groups=groups, side=side)
+    original = [c.clone() for c in caches]
+    evictor.evict_layers(queries, caches, ev, groups, sides)
+    for layer in range(num_layers):
+        assert torch.equal(caches[layer], expected_caches[layer]), f"layer {layer}"
+        assert not torch.equal(caches[layer], original[layer]), f"layer {layer}: nothing moved"
+        assert torch.equal(sides[layer].positions, expected_sides[layer][0]), f"layer {layer}"
+        assert torch.equal(sides[layer].accumulated, expected_sides[layer][1]), f"layer {layer}"
+
+
 class _CountingEvictor:
     def __init__(self):
         self.calls = []
@@ -130,18 +180,24 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     calls = []
     original = CpuEvictor.evict_layers
     monkeypatch.setattr(CpuEvictor, "evict_layers",
-                        lambda self, *a: calls.append(1) or original(self, *a))
-    prompts = random_prompts([5, 30, 90, 17], seed=3)
+                        lambda self, *a: calls.append(len(a) > 3) or original(self, *a))
+    prompts = random_prompts([5, 30, 90, 17, 40, 60], seed=3)
     requests = [Req(p, 40, 0) for p in prompts]
-    # Per-request budgets: rows of different widths in one batch.
-    requests[1] = Req(prompts[1], 40, 0, {"tova_cache_size": 24})
+    # Per-request budgets (rows of different widths) and policies in one batch; window
+    # and sink_window decode through the batch too (H2O accumulates: layer by layer).
+    extra = [{}, {"tova_cache_size": 24}, {}, {}, {"tova_policy": "window"},
+             {"tova_policy": "sink_window", "tova_cache_size": 20}]
+    requests = [Req(p, 40, 0, x) for p, x in zip(prompts, extra)]
     llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
     try:
         result = run(llm, requests)
     finally:
         shutdown(llm)
-    for i, (prompt, budget) in enumerate(zip(prompts, (32, 24, 32, 32))):
-        want = generate(hf_models["llama_gqa"], list(prompt), cache_size=budget,
-                        max_new_tokens=40).token_ids
+    for i, (prompt, x) in enumerate(zip(prompts, extra)):
+        want = generate(hf_models["llama_gqa"], list(prompt),
+                        cache_size=x.get("tova_cache_size", 32), max_new_tokens=40,
+                        policy=x.get("tova_policy", "tova")).token_ids
         assert result.tokens[i] == want, i
     assert (len(calls) > 0) == (layer_batch == "1")
+    # Steps with window rows went through the batch with their policy groups.
+    assert any(calls) == (layer_batch == "1")

@@ -52,30 +52,24 @@ class CpuEvictor(Evictor):
                                    query[qidx], self.scale, table)
         return self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
 
-    def evict_layers(self, queries, kv_caches, ev: EvictionBatch) -> None:
+    def evict_layers(self, queries, kv_caches, ev: EvictionBatch, groups=None,
+                     sides=None) -> None:
         pages = kv_caches[0]
-        layout = self.layout(pages)
         num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
         # Layer l's row e is row l * E + e of one batch of L * E rows.
-        padding = ev.padding.repeat(num_layers, 1)
-        logits = _layer_logits_in_place(kv_caches, layout, ev.block_table, queries,
-                                        self.scale, ev.live)
-        if logits is not None:  # padding already -inf
-            scores = self.head_mean(head_summed_probs_from_logits(logits))[:, :width]
+        if groups is None:
+            scores = self._layer_tova_scores(queries, kv_caches, ev.block_table, ev.live,
+                                             ev.padding)
         else:
-            table = ev.block_table.reshape(-1)
-            blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
-                              + (pages.shape[2] // 2, pages.shape[3]), pages.dtype)
-            for layer, layer_pages in enumerate(kv_caches):
-                copy_key_blocks(layer_pages, table, blocks[layer])
-            logits = logits_from_key_blocks(blocks.view(-1, *blocks.shape[2:]), layout,
-                                            torch.cat(queries), self.scale, width)
-            scores = self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
-        drop = position_to_drop(scores, ev.live.repeat(num_layers), padding).view(num_layers, rows)
+            scores = self._layer_policy_scores(queries, kv_caches, ev, groups, sides)
+        drop = position_to_drop(scores, ev.live.repeat(num_layers),
+                                ev.padding.repeat(num_layers, 1)).view(num_layers, rows)
         # Decode rule: the last live position moves into the dropped one.
         row_ids = torch.arange(rows)
         src = ev.slots[row_ids, ev.live.long() - 1]
         dst = ev.slots[row_ids.expand(num_layers, rows), drop]
+        if groups is not None:
+            _move_side_states(sides, src, dst)
         elements = self._elements(pages)
         if native.copy_slots(kv_caches, elements, src, dst):
             return
@@ -83,6 +77,53 @@ class CpuEvictor(Evictor):
         for layer, layer_pages in enumerate(kv_caches):
             flat = layer_pages.view(-1)
             flat[dst_index[layer]] = flat[src_index]
+
+    def _layer_tova_scores(self, queries, kv_caches, block_table, live, padding):
+        """TOVA's scores ``[L * E, S]`` of rows whose queries are ``queries[l]`` in layer
+        l (``padding``: ``[E, S]``)."""
+        pages = kv_caches[0]
+        layout = self.layout(pages)
+        num_layers, width = len(kv_caches), padding.shape[1]
+        logits = _layer_logits_in_place(kv_caches, layout, block_table, queries, self.scale,
+                                        live)
+        if logits is not None:  # padding already -inf
+            return self.head_mean(head_summed_probs_from_logits(logits))[:, :width]
+        table = block_table.reshape(-1)
+        blocks = _scratch("blocks", (num_layers, table.numel()) + pages.shape[1:2]
+                          + (pages.shape[2] // 2, pages.shape[3]), pages.dtype)
+        for layer, layer_pages in enumerate(kv_caches):
+            copy_key_blocks(layer_pages, table, blocks[layer])
+        logits = logits_from_key_blocks(blocks.view(-1, *blocks.shape[2:]), layout,
+                                        torch.cat(queries), self.scale, width)
+        return self.head_mean(head_summed_probs_from_logits(
+            logits, padding=padding.repeat(num_layers, 1)))
+
+    def _layer_policy_scores(self, queries, kv_caches, ev: EvictionBatch, groups, sides):
+        """fp64 keep scores ``[L * E, S]`` of rows whose policies differ, every layer at
+        once: ``side_state.policy_keep_scores`` over a batch of L layers."""
+        num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
+        scores = torch.empty(num_layers, rows, width, dtype=torch.float64)
+        for policy, members in groups:
+            if policy.needs_accumulated:
+                raise ValueError(f"tova-vllm: {policy.name} accumulates attention; its rows "
+                                 "evict layer by layer")
+            n = members.numel()
+            inputs = {}
+            if policy.needs_last_query_probs:
+                inputs["last_query_probs"] = self._layer_tova_scores(
+                    [q[members] for q in queries], kv_caches, ev.block_table[members],
+                    ev.live[members], ev.padding[members])
+            if policy.needs_positions:
+                if any(side is None for side in sides):
+                    raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
+                slots = ev.slots[members]
+                inputs["positions"] = torch.stack(
+                    [side.positions[slots] for side in sides]).view(num_layers * n, width)
+            scores[:, members] = policy.keep_scores(
+                cache_size=ev.keep[members].repeat(num_layers),
+                query_position=ev.query_position[members].repeat(num_layers), **inputs,
+            ).double().view(num_layers, n, width)
+        return scores.view(num_layers * rows, width)
 
     def query_logits(self, pages, batch: QueryBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         layout, block_size = self.layout(pages), self.block_size(pages)
@@ -107,6 +148,19 @@ class CpuEvictor(Evictor):
         if self._elements_of is None or self._elements_of[0] is not layout:
             self._elements_of = (layout, slot_elements(layout, pages.shape[1]))
         return self._elements_of[1]
+
+
+#: ``slot_elements`` of a side-state tensor: one element per slot, at the slot.
+_SIDE_ELEMENT = torch.zeros(1, 1, dtype=torch.long)
+
+
+def _move_side_states(sides, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """The decode moves of every layer's side state: slot ``src[e]`` onto ``dst[l, e]``."""
+    for name in ("positions", "accumulated"):
+        tensors = [getattr(side, name) for side in sides]
+        if not native.copy_slots(tensors, _SIDE_ELEMENT, src, dst):
+            for tensor, layer_dst in zip(tensors, dst):
+                tensor[layer_dst] = tensor[src]
 
 
 def slot_elements(layout: PageLayout, kv_heads: int) -> torch.Tensor:

@@ -117,12 +117,14 @@ class Evictor:
         else:
             self.copy_slots(kv_cache, *relocation_slots(ev, src, dst, row))
 
-    def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch
-                     ) -> None:
+    def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch,
+                     groups: Optional[PolicyGroups] = None,
+                     sides: Optional[list[Optional[SlotSideState]]] = None) -> None:
         """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
         ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
-        whose cache is ``kv_caches[l]``; every row uses TOVA's score and drops one token.
-        Only platforms whose builder sets ``batches_layers`` are asked."""
+        whose cache is ``kv_caches[l]`` and side state ``sides[l]``; every row drops one
+        token, by TOVA's score (``groups`` None) or by its group's policy (none of which
+        accumulates).  Only platforms whose builder sets ``batches_layers`` are asked."""
         raise NotImplementedError
 
     def accumulate(self, query: torch.Tensor, kv_cache, batch: QueryBatch,

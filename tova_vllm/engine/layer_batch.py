@@ -1,7 +1,8 @@
 """Steady decode's eviction, done once per step for every layer at once.
 
-In a step with one phase whose eviction rows all use TOVA's own score and drop one token
-each (steady decode: the common case), nothing reads a layer's cache between its
+In a step with one phase whose eviction rows each drop one token (steady decode: the
+common case) by a score that needs no accumulation over queries (TOVA's, or the
+position-only baselines' from the side state), nothing reads a layer's cache between its
 attention and the next step's cache write.  So each layer's eviction may wait until the
 last layer has attended, and all layers can then be scored, selected and compacted
 together: a handful of tensor operations per step instead of the same dozen per layer,
@@ -17,11 +18,12 @@ batch did not see every layer is an error (``check_finished``), never a silent s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .plan import EvictionBatch
+from .side_state import PolicyGroups
 
 
 @dataclass
@@ -31,18 +33,27 @@ class LayerBatch:
     caches: list[Any] = field(default_factory=list)  # each layer's cache, as its evictor reads it
     queries: list[torch.Tensor] = field(default_factory=list)  # [E, q_heads, D] per layer
     evictor: Any = None  # the first layer's evictor: all layers share its shapes and group
+    #: Rows by policy (``side_state.group_rows``) when not all are TOVA; then every layer
+    #: also hands over its side state.
+    groups: Optional[PolicyGroups] = None
+    sides: list[Any] = field(default_factory=list)  # each layer's SlotSideState, or None
     done: bool = False
 
-    def add(self, evictor, cache, queries: torch.Tensor) -> None:
+    def add(self, evictor, cache, queries: torch.Tensor, side=None) -> None:
         if self.done:
             raise RuntimeError("tova-vllm: a layer attended after its step's eviction ran")
         self.evictor = self.evictor or evictor
         self.caches.append(cache)
         self.queries.append(queries)
+        self.sides.append(side)
         if len(self.caches) == self.num_layers:
-            self.evictor.evict_layers(self.queries, self.caches, self.evictions)
+            if self.groups is None:
+                self.evictor.evict_layers(self.queries, self.caches, self.evictions)
+            else:
+                self.evictor.evict_layers(self.queries, self.caches, self.evictions,
+                                          self.groups, self.sides)
             self.done = True
-            self.caches, self.queries = [], []
+            self.caches, self.queries, self.sides = [], [], []
 
     def check_finished(self) -> None:
         """Called when the next step is built: every layer of this one must have evicted."""

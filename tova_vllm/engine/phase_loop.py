@@ -89,7 +89,7 @@ class TovaImplMixin:
                 evictor.accumulate(query, cache, phase.accumulate, side)
             if phase.evictions is not None and attn_metadata.layer_batch is not None:
                 attn_metadata.layer_batch.add(evictor, cache,
-                                              query[phase.evictions.query_index])
+                                              query[phase.evictions.query_index], side)
             elif phase.evictions is not None:
                 row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
                 evictor.evict(query, cache, phase.evictions, row_lse, phase.eviction_groups,

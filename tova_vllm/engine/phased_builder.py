@@ -85,10 +85,12 @@ class TovaPhasedBuilder:
                                        host_table, side_state, device) for phase in plan]
         layer_batch = None
         last = phases[-1]
+        groups = last.eviction_groups
         if (self._layer_batch_on and len(phases) == 1 and last.evictions is not None
-                and last.evictions.one_drop_each and last.eviction_groups is None
-                and last.accumulate is None and not side_state):
-            layer_batch = self._last_layer_batch = LayerBatch(last.evictions, self.num_layers)
+                and last.evictions.one_drop_each and last.accumulate is None
+                and not any(policy.needs_accumulated for policy, _ in groups or ())):
+            layer_batch = self._last_layer_batch = LayerBatch(last.evictions, self.num_layers,
+                                                              groups=groups)
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 
