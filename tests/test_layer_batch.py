@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vllm import _custom_ops as ops
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+from cpu_cases import decode_case
 
 from tova_vllm.engine.cpu_evictor import CpuEvictor
 from tova_vllm.engine.layer_batch import LayerBatch
-from tova_vllm.engine.plan import EvictionBatch
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -32,55 +30,15 @@ GRID = [
 IDS = [f"{str(d).split('.')[-1]}-bs{b}-D{h}-{q}q{k}kv" for d, b, h, q, k in GRID]
 
 
-def _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype, isa, gen):
-    """Caches filled through vLLM's own write op (so in the ISA's real layout)."""
-    caches = []
-    for _ in range(num_layers):
-        pages = torch.zeros(num_blocks, kv_heads, 2 * block_size, head_size, dtype=dtype)
-        key_cache, value_cache = pages.chunk(2, dim=2)
-        n = num_blocks * block_size
-        ops.cpu_attn_reshape_and_cache(
-            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
-            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
-            key_cache, value_cache, torch.arange(n), isa, k_scale=1.0, v_scale=1.0,
-            kv_cache_dtype="auto")
-        caches.append(pages)
-    return caches
-
-
-def _decode_batch(budgets, block_size, num_blocks, gen) -> EvictionBatch:
-    """Steady decode: row e holds budgets[e] + 1 live positions on a shuffled block table."""
-    rows = len(budgets)
-    live = [c + 1 for c in budgets]
-    width = max(live)
-    per_row = -(-width // block_size)
-    table = torch.randperm(num_blocks, generator=gen)[: rows * per_row].view(rows, per_row)
-    positions = torch.arange(width)
-    padded = torch.where(positions < torch.tensor(live).unsqueeze(1), positions, 0)
-    return EvictionBatch(
-        rows=torch.arange(rows), query_index=torch.arange(rows),
-        query_position=torch.tensor(budgets) + 100,
-        block_ids=table.gather(1, padded // block_size), block_offsets=padded % block_size,
-        live=torch.tensor(live), keep=torch.tensor(budgets), keep_list=list(budgets),
-        live_list=live, one_drop_each=True,
-    ).prepared(block_size, torch.device("cpu"))
-
-
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads", GRID, ids=IDS)
 def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_heads, kv_heads,
                                             num_layers, k_reader):
     gen = torch.Generator().manual_seed(block_size * 100 + head_size + num_layers)
-    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
     budgets = [7, 40, 2 * block_size, 1, 40]  # rows of different widths: padding in play
-    num_blocks = len(budgets) * (-(-(max(budgets) + 1) // block_size)) + 3
-    ev = _decode_batch(budgets, block_size, num_blocks, gen)
-    caches = _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype,
-                           isa, gen)
-    # Peaked queries: the dropped token is clear of near-ties.
-    queries = [(3 * torch.randn(len(budgets), q_heads, head_size, generator=gen)).to(dtype)
-               for _ in range(num_layers)]
-    evictor = CpuEvictor(isa, head_size, q_heads, head_size ** -0.5)
+    evictor, caches, queries, ev = decode_case(dtype, block_size, head_size, q_heads,
+                                               kv_heads, num_layers, budgets, gen,
+                                               query_scale=3)
 
     original = [c.clone() for c in caches]
     expected = [c.clone() for c in caches]
@@ -104,19 +62,15 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
     from tova_vllm.policies import EvictionPolicy
 
     gen = torch.Generator().manual_seed(block_size * 10 + head_size + num_layers)
-    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
     budgets = [7, 40, 2 * block_size, 9, 40, 12]
     policies = [EvictionPolicy(name) for name in
                 ("window", "tova", "sink_window", "tova", "window", "sink_window")]
-    num_blocks = len(budgets) * (-(-(max(budgets) + 1) // block_size)) + 3
-    ev = _decode_batch(budgets, block_size, num_blocks, gen)
-    caches = _layer_caches(num_layers, num_blocks, kv_heads, block_size, head_size, dtype,
-                           isa, gen)
-    queries = [(3 * torch.randn(len(budgets), q_heads, head_size, generator=gen)).to(dtype)
-               for _ in range(num_layers)]
+    evictor, caches, queries, ev = decode_case(dtype, block_size, head_size, q_heads,
+                                               kv_heads, num_layers, budgets, gen,
+                                               query_scale=3)
     sides = []
-    for _ in range(num_layers):
-        side = SlotSideState(num_blocks * block_size, torch.device("cpu"))
+    for pages in caches:
+        side = SlotSideState(pages.shape[0] * block_size, torch.device("cpu"))
         for e, budget in enumerate(budgets):
             # Distinct logical positions below the query's, shuffled over the cache slots
             # (evictions reorder a cache): the lowest is not at cache position 0.
@@ -125,7 +79,6 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
         side.accumulated.uniform_(generator=gen)
         sides.append(side)
     groups = group_rows(policies, torch.device("cpu"))
-    evictor = CpuEvictor(isa, head_size, q_heads, head_size ** -0.5)
 
     expected_caches = [c.clone() for c in caches]
     expected_sides = [(s.positions.clone(), s.accumulated.clone()) for s in sides]

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vllm import _custom_ops as ops
+from cpu_cases import decode_case
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from tova_vllm.engine import cpu_evictor, native
-from tova_vllm.engine.cpu_evictor import CpuEvictor, slot_elements, slot_index
+from tova_vllm.engine.cpu_evictor import slot_elements, slot_index
 from tova_vllm.engine.cpu_layout import HalfPageLayout, PageLayout, probe_page_layout
-from tova_vllm.engine.plan import EvictionBatch
 from tova_vllm.policies import gqa_logits
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -171,46 +170,15 @@ def test_copy_slots_equals_indexing(dtype, layout_name):
     assert native.copy_slots(pages, elements, src, dst)
     assert torch.equal(pages, expected)
 
-def _evictor_case(dtype, block_size, head_size, q_heads, kv_heads, gen):
-    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
-    budgets = [2 * block_size - 1, block_size + 5, 7]
-    live = [c + 1 for c in budgets]
-    width = max(live)
-    per_row = -(-width // block_size)
-    num_blocks = len(budgets) * per_row + 2
-    caches = []
-    for _ in range(3):
-        pages = torch.zeros(num_blocks, kv_heads, 2 * block_size, head_size, dtype=dtype)
-        key_cache, value_cache = pages.chunk(2, dim=2)
-        n = num_blocks * block_size
-        ops.cpu_attn_reshape_and_cache(
-            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
-            torch.randn(n, kv_heads, head_size, generator=gen).to(dtype),
-            key_cache, value_cache, torch.arange(n), isa, k_scale=1.0, v_scale=1.0,
-            kv_cache_dtype="auto")
-        caches.append(pages)
-    table = torch.randperm(num_blocks, generator=gen)[: len(budgets) * per_row].view(-1, per_row)
-    positions = torch.arange(width)
-    padded = torch.where(positions < torch.tensor(live).unsqueeze(1), positions, 0)
-    rows = torch.arange(len(budgets))
-    ev = EvictionBatch(
-        rows=rows, query_index=rows, query_position=torch.tensor(live) + 100,
-        block_ids=table.gather(1, padded // block_size), block_offsets=padded % block_size,
-        live=torch.tensor(live), keep=torch.tensor(budgets), keep_list=budgets,
-        live_list=live, one_drop_each=True,
-    ).prepared(block_size, torch.device("cpu"))
-    queries = [torch.randn(len(budgets), q_heads, head_size, generator=gen).to(dtype)
-               for _ in caches]
-    return CpuEvictor(isa, head_size, q_heads, head_size ** -0.5), caches, queries, ev
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("block_size,head_size,q_heads,kv_heads",
                          [(16, 64, 9, 3), (32, 128, 32, 8), (32, 80, 4, 2)])
 def test_evictor_with_and_without_the_library_moves_the_same_tokens(
         monkeypatch, dtype, block_size, head_size, q_heads, kv_heads):
     gen = torch.Generator().manual_seed(block_size + head_size + q_heads)
-    evictor, caches, queries, ev = _evictor_case(dtype, block_size, head_size, q_heads,
-                                                 kv_heads, gen)
+    evictor, caches, queries, ev = decode_case(dtype, block_size, head_size, q_heads,
+                                               kv_heads, 3,
+                                               [2 * block_size - 1, block_size + 5, 7], gen)
     with_lib = [c.clone() for c in caches]
     layer_batch = [c.clone() for c in caches]
     for query, pages in zip(queries, with_lib):

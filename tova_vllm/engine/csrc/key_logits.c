@@ -35,21 +35,29 @@ static inline float from_bf16(uint16_t x) {
     return f;
 }
 
+/* Where (layer, row, kv head) work item ``item`` reads and writes: its K half page of
+ * block table entry b is ``key_page(j, item, b)``, its queries ``j->q + item * G * D``,
+ * its logits ``j->out + item * G * W`` (q and out are laid out item after item). */
+static inline __attribute__((always_inline)) const char *key_page(const job_t *j,
+                                                                 int64_t item, int b,
+                                                                 int elem_bytes) {
+    const int64_t row = item / j->kv_heads % j->rows;
+    const char *pages = j->pages[item / j->kv_heads / j->rows];
+    const int64_t block = j->table[row * j->per_row + b];
+    return pages + (block * j->block_elems
+                    + (item % j->kv_heads) * (int64_t)2 * j->bs * j->D) * elem_bytes;
+}
+
 #define KERNEL(NAME, ELEM, LOAD)                                                            \
     static void NAME(const job_t *j) {                                                      \
         const int64_t W = (int64_t)j->per_row * j->bs;                                      \
         const int T = j->T, P = j->P, D = j->D, G = j->group;                               \
         for (int64_t item = j->first; item < j->last; ++item) {                             \
-            const int64_t row = item / j->kv_heads % j->rows;                              \
-            const char *pages = j->pages[item / j->kv_heads / j->rows];                                         \
-            const int head = (int)(item % j->kv_heads);                                     \
             const float *q = j->q + item * G * D;                                           \
             float *out = j->out + item * G * W;                                             \
             memset(out, 0, sizeof(float) * G * W);                                          \
             for (int b = 0; b < j->per_row; ++b) {                                          \
-                const ELEM *k = (const ELEM *)pages                                      \
-                    + (int64_t)j->table[row * j->per_row + b] * j->block_elems              \
-                    + (int64_t)head * 2 * j->bs * D;                                        \
+                const ELEM *k = (const ELEM *)key_page(j, item, b, sizeof(ELEM));           \
                 for (int tile = 0; tile < j->bs / T; ++tile) {                              \
                     for (int dg = 0; dg < D / P; ++dg) {                                    \
                         const ELEM *src = k + ((int64_t)tile * (D / P) + dg) * T * P;       \
@@ -132,21 +140,13 @@ static inline __attribute__((always_inline)) v16f load_f16(const _Float16 *p) {
     static void NAME(const job_t *j) {                                                      \
         const int64_t W = (int64_t)j->per_row * j->bs;                                      \
         const int D = j->D, G = j->group, bs = j->bs;                                       \
-        const int64_t head_elems = (int64_t)2 * bs * D;                                     \
         for (int64_t item = j->first; item < j->last; ++item) {                             \
-            const int64_t row = item / j->kv_heads % j->rows;                              \
-            const char *pages = j->pages[item / j->kv_heads / j->rows];                                         \
-            const int head = (int)(item % j->kv_heads);                                     \
             const float *q = j->q + item * G * D;                                           \
             float *out = j->out + item * G * W;                                             \
-            const int32_t *blocks = j->table + row * j->per_row;                            \
             for (int b = 0; b < j->per_row; ++b) {                                          \
-                const ELEM *k = (const ELEM *)pages + (int64_t)blocks[b] * j->block_elems \
-                    + head * head_elems;                                                    \
+                const ELEM *k = (const ELEM *)key_page(j, item, b, sizeof(ELEM));           \
                 const ELEM *next = b + 1 < j->per_row                                       \
-                    ? (const ELEM *)pages + (int64_t)blocks[b + 1] * j->block_elems      \
-                          + head * head_elems                                               \
-                    : k;                                                                    \
+                    ? (const ELEM *)key_page(j, item, b + 1, sizeof(ELEM)) : k;             \
                 float *o = out + b * bs;                                                    \
                 int g = 0;                                                                  \
                 if (bs % 32 == 0) {                                                         \
