@@ -74,6 +74,8 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(GPUModelRunner, "_build_attention_metadata", "metadata build (all groups)")
     clock.wrap(phased_builder.TovaPhasedBuilder, "_plan", "tova: plan")
     clock.wrap(phased_builder.TovaPhasedBuilder, "_phase_metadata", "tova: phase metadata")
+    clock.wrap(phased_builder.TovaPhasedBuilder, "_next_steady_step",
+               "tova: steady step (last plan reused)")
     clock.wrap(CPUAttentionBackendImpl, "forward", "attention kernel (stock forward)")
     clock.wrap(phase_loop.TovaImplMixin, "forward", "tova: layer forward (incl. kernel)")
     clock.wrap(evictor.Evictor, "evict", "tova: evict")
@@ -120,7 +122,7 @@ def profile(model_dir, tova, prompts, steps: int, torch_profile: bool, clock: St
             n += decoding
     finally:
         shutdown(llm)
-    return statistics.median(step_times) * 1e3, len(step_times), prof
+    return step_times, prof
 
 
 def main() -> None:
@@ -132,6 +134,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--policies", default="tova")
     parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine this many times, round-robin, and pool the "
+                             "steps (a 2-core machine drifts between back-to-back runs)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="every engine without prefix caching (TOVA evicts in place)")
     args = parser.parse_args()
@@ -145,26 +150,36 @@ def main() -> None:
                else random_prompts(lengths, seed=1))
     clock = StageClock()
     instrument(clock)
-    rows = {}
+    engines = [("vanilla", None)] + [
+        (p, {"cache_size": args.cache_size, "policy": p}) for p in args.policies.split(",")]
+    times = {name: [] for name, _ in engines}
+    stage_steps = {name: [] for name, _ in engines}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_model(args.arch, Path(tmp) / args.arch)
-        engines = [("vanilla", None)] + [
-            (p, {"cache_size": args.cache_size, "policy": p}) for p in args.policies.split(",")]
-        for name, tova in engines:
-            print(f"[profile] {name} ...", file=sys.stderr, flush=True)
-            clock.steps = []
-            step_ms, n, prof = profile(model, tova, prompts, args.steps,
-                                       args.torch_profile, clock,
-                                       args.prefix_caching)
-            rows[name] = (step_ms, n, clock.medians_ms())
-            if prof is not None:
-                print(f"\n--- torch profiler, one {name} decode step ---")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for r in range(args.rounds):
+            for name, tova in engines:
+                print(f"[profile] round {r + 1} of {args.rounds}: {name} ...", file=sys.stderr,
+                      flush=True)
+                clock.steps = []
+                step_times, prof = profile(model, tova, prompts, args.steps,
+                                           args.torch_profile and r == 0, clock,
+                                           args.prefix_caching)
+                times[name] += step_times
+                stage_steps[name] += clock.steps
+                if prof is not None:
+                    print(f"\n--- torch profiler, one {name} decode step ---")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                    row_limit=25))
+    rows = {}
+    for name in times:
+        clock.steps = stage_steps[name]
+        rows[name] = (statistics.median(times[name]) * 1e3, len(times[name]),
+                      clock.medians_ms())
 
     base = rows["vanilla"][0]
     print(f"\nsteady decode, {args.requests} requests at live context {args.cache_size}, "
           f"model {args.model or args.arch}, prefix caching "
-          f"{'on' if args.prefix_caching else 'off'} (median ms per step)")
+          f"{'on' if args.prefix_caching else 'off'} (median ms per step, {args.rounds} round(s))")
     for name, (step_ms, n, stages) in rows.items():
         print(f"\n{name}: step {step_ms:.2f} ms ({step_ms / base:.2f}x vanilla), {n} steps")
         for stage, ms in stages.items():

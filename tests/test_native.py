@@ -12,6 +12,8 @@ against plain torch.
 * the slot copier leaves the cache exactly as the indexing path does, in vLLM's probed
   layout and in synthetic ones, for 4-, 2- and 1-byte elements;
 * bad block ids and slots raise instead of reading out of bounds;
+* the decode rule's choice in C (``decode_drops``) is ``position_to_drop``'s, ties, NaN
+  and ragged rows included;
 * ``CpuEvictor`` on the same cache drops and moves the same tokens with the library on
   and off, and steady decode's layer batch reads K in place (no block copy) when it is on.
 """
@@ -26,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from tova_vllm.engine import cpu_evictor, native
 from tova_vllm.engine.cpu_evictor import slot_elements, slot_index
 from tova_vllm.engine.cpu_layout import HalfPageLayout, PageLayout, probe_page_layout
-from tova_vllm.policies import gqa_logits
+from tova_vllm.policies import gqa_logits, position_to_drop
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -136,8 +138,16 @@ def test_bad_block_ids_and_slots_raise():
         with pytest.raises(IndexError):
             native.key_logits(pages, layout, torch.tensor([[0, bad]]), query, 1.0)
     elements = slot_elements(layout, 1)
-    with pytest.raises(IndexError):
-        native.copy_slots(pages, elements, torch.tensor([3]), torch.tensor([64]))
+    pages = torch.randn(4, 1, 32, 32)
+    before = pages.clone()
+    # Checked in C before any write: the good first pair must not have been copied either.
+    for src, dst in (([3, 5], [7, 64]), ([3, -1], [7, 9]), ([3, 9], [7, 64])):
+        with pytest.raises(IndexError):
+            native.copy_slots(pages, elements, torch.tensor(src), torch.tensor(dst))
+        with pytest.raises(IndexError):
+            native.copy_slots([pages, pages], elements, torch.tensor(src),
+                              torch.tensor([dst, [1, 2]]))
+        assert torch.equal(pages, before)
 
 def _copy_cases():
     for dtype in (torch.float32, torch.bfloat16, torch.uint8):
@@ -204,3 +214,32 @@ def test_evictor_with_and_without_the_library_moves_the_same_tokens(
         assert not torch.equal(a, original)  # something moved
         assert torch.equal(a, b)
         assert torch.equal(c, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers,rows,width", [(1, 1, 2), (2, 5, 17), (3, 8, 65), (30, 16, 66)])
+@pytest.mark.parametrize("values", ["random", "ties", "nan"])
+def test_decode_drops_equal_position_to_drop(dtype, layers, rows, width, values):
+    gen = torch.Generator().manual_seed(layers * 100 + rows)
+    if values == "random":
+        scores = torch.rand(layers, rows, width, generator=gen, dtype=dtype)
+    else:  # few distinct values: many exactly equal lowest scores
+        scores = torch.randint(0, 3, (layers, rows, width), generator=gen).to(dtype)
+    if values == "nan":
+        scores[torch.rand(scores.shape, generator=gen) < 0.05] = float("nan")
+    live = torch.randint(1, width + 1, (rows,), generator=gen).to(torch.int32)
+    live[0] = width
+    padding = torch.arange(width).unsqueeze(0) >= live.unsqueeze(1)
+    scores.masked_fill_(padding, -5.0)  # what padding holds must not matter
+    slots = torch.randperm(rows * width * 2, generator=gen)[: rows * width].view(rows, width)
+    src, dst = native.decode_drops(scores, live, slots)
+    drop = position_to_drop(scores, live, padding)
+    rows_ids = torch.arange(rows)
+    assert torch.equal(src, slots[rows_ids, live.long() - 1])
+    assert torch.equal(dst, slots[rows_ids.expand(layers, rows), drop])
+
+
+def test_decode_drops_reject_bad_live():
+    for live in ([0], [4]):
+        with pytest.raises(IndexError):
+            native.decode_drops(torch.zeros(1, 1, 3), torch.tensor(live), torch.zeros(1, 3))

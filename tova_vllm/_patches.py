@@ -261,9 +261,11 @@ def _apply_runner_keeps_cpu_generators(patch: str) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def discarded_cpu_generators(runner) -> dict:
+        generators = runner.input_batch.generators
+        if not generators:  # no seeded request: the common case, checked every step
+            return {}
         # Rows whose sampled token is thrown away (a prompt not yet fully prefilled).
         rows = np.nonzero(runner.discard_request_mask.np[:runner.input_batch.num_reqs])[0]
-        generators = runner.input_batch.generators
         return {int(i): generators[int(i)] for i in rows
                 if int(i) in generators and generators[int(i)].device.type == "cpu"}
 

@@ -55,19 +55,23 @@ class CpuEvictor(Evictor):
     def evict_layers(self, queries, kv_caches, ev: EvictionBatch, groups=None,
                      sides=None) -> None:
         pages = kv_caches[0]
-        num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
+        num_layers, rows = len(kv_caches), ev.block_ids.shape[0]
         # Layer l's row e is row l * E + e of one batch of L * E rows.
         if groups is None:
             scores = self._layer_tova_scores(queries, kv_caches, ev.block_table, ev.live,
                                              ev.padding)
         else:
             scores = self._layer_policy_scores(queries, kv_caches, ev, groups, sides)
-        drop = position_to_drop(scores, ev.live.repeat(num_layers),
-                                ev.padding.repeat(num_layers, 1)).view(num_layers, rows)
         # Decode rule: the last live position moves into the dropped one.
-        row_ids = torch.arange(rows)
-        src = ev.slots[row_ids, ev.live.long() - 1]
-        dst = ev.slots[row_ids.expand(num_layers, rows), drop]
+        scores = scores.view(num_layers, rows, -1)
+        moves = native.decode_drops(scores, ev.live, ev.slots)
+        if moves is None:
+            # Every layer's rows share live and padding: broadcast over the layer axis.
+            drop = position_to_drop(scores, ev.live, ev.padding)
+            row_ids = torch.arange(rows)
+            moves = (ev.slots[row_ids, ev.live.long() - 1],
+                     ev.slots[row_ids.expand(num_layers, rows), drop])
+        src, dst = moves
         if groups is not None:
             _move_side_states(sides, src, dst)
         elements = self._elements(pages)

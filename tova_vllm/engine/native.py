@@ -91,12 +91,17 @@ def library() -> Optional[ctypes.CDLL]:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     fn = lib.tova_copy_slots
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn = lib.tova_decode_drop
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
     return lib
 
 
@@ -134,8 +139,8 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
 
     ``pages`` ``[num_blocks, kv_heads, 2 * bs, D]``, or a list of L such (layers with the
     same block table: then ``query`` is ``[L, E, q_heads, D]`` and the result gains a
-    leading L); ``block_table`` ``[E, per_row]`` of block ids (checked below
-    ``num_blocks``: the C code trusts them); ``query`` ``[E, q_heads, D]``; ``out`` an
+    leading L); ``block_table`` ``[E, per_row]`` of block ids (the C code checks
+    them below ``num_blocks`` before reading: IndexError); ``query`` ``[E, q_heads, D]``; ``out`` an
     optional buffer.
     """
     layers = list(pages) if isinstance(pages, (list, tuple)) else [pages]
@@ -149,8 +154,6 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
     kv_heads = first.shape[1]
     group = query.shape[-2] // kv_heads
     table = block_table.to(torch.int32).contiguous()
-    if table.numel() and not (0 <= int(table.min()) and int(table.max()) < first.shape[0]):
-        raise IndexError(f"tova-vllm: block table holds ids outside 0..{first.shape[0] - 1}")
     q = query.to(torch.float32).contiguous()
     lengths = None if live is None else live.to(torch.int32).contiguous()
     shape = (rows, kv_heads, group, per_row * block_size)
@@ -164,7 +167,9 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
         _pointers(layers), len(layers), _DTYPES[first.dtype], first[0].numel(), kv_heads,
         block_size, head_size, tiling[0], tiling[1], table.data_ptr(), rows, per_row,
         q.data_ptr(), group, float(scale), None if lengths is None else lengths.data_ptr(),
-        out.data_ptr(), torch.get_num_threads())
+        out.data_ptr(), torch.get_num_threads(), first.shape[0])
+    if status == -2:
+        raise IndexError(f"tova-vllm: block table holds ids outside 0..{first.shape[0] - 1}")
     if status != 0:
         raise RuntimeError(f"tova-vllm: {SOURCE.name} rejected tiling {tiling} for "
                            f"{first.dtype} pages")
@@ -175,7 +180,7 @@ def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tens
     """``cpu_evictor.copy_slots`` without index tensors: False when the library is not
     there (the caller indexes instead).  ``pages`` one layer's pages with 1-D ``src`` and
     ``dst``, or a list of L layers with ``dst`` ``[L, n]`` and ``src`` ``[n]`` (shared)
-    or ``[L, n]``.  Slots are checked to lie in the pages."""
+    or ``[L, n]``.  Slots are checked (in C, before any write) to lie in the pages."""
     layers = list(pages) if isinstance(pages, (list, tuple)) else [pages]
     if library() is None or not _readable(layers):
         return False
@@ -186,13 +191,36 @@ def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tens
         return True
     block_size = elements.shape[0]
     limit = layers[0].shape[0] * block_size
-    if min(int(src.min()), int(dst.min())) < 0 or max(int(src.max()), int(dst.max())) >= limit:
-        raise IndexError(f"tova-vllm: slots outside 0..{limit - 1}")
     elements = elements.to(torch.int64).contiguous()
     status = library().tova_copy_slots(
         _pointers(layers), len(layers), layers[0].element_size(), layers[0][0].numel(),
         block_size, elements.data_ptr(), elements.shape[1], src.data_ptr(),
-        n if src.dim() == 2 else 0, dst.data_ptr(), n if dst.dim() == 2 else 0, n)
+        n if src.dim() == 2 else 0, dst.data_ptr(), n if dst.dim() == 2 else 0, n, limit)
+    if status == -2:
+        raise IndexError(f"tova-vllm: slots outside 0..{limit - 1}")
     if status != 0:
         raise RuntimeError(f"tova-vllm: cannot copy {layers[0].dtype} slots natively")
     return True
+
+
+def decode_drops(scores: torch.Tensor, live: torch.Tensor, slots: torch.Tensor
+                 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode rule of ``scores`` ``[L, E, S]`` (rows sharing ``live`` ``[E]`` and
+    ``slots`` ``[E, S]`` across the L layers) as slots: ``(src [E], dst [L, E])``, each row's
+    last live slot and its dropped one (``policies.position_to_drop``'s choice, tie-break
+    and NaN included); None without the library."""
+    lib = library()
+    if lib is None or scores.dtype not in (torch.float32, torch.float64):
+        return None
+    layers, rows, width = scores.shape
+    scores = scores.contiguous()
+    live = live.to(torch.int32).contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    src = torch.empty(rows, dtype=torch.int64)
+    dst = torch.empty(layers, rows, dtype=torch.int64)
+    status = lib.tova_decode_drop(scores.data_ptr(), scores.dtype == torch.float64, layers,
+                                  rows, width, live.data_ptr(), slots.data_ptr(),
+                                  src.data_ptr(), dst.data_ptr())
+    if status != 0:
+        raise IndexError(f"tova-vllm: live lengths outside 1..{width}")
+    return src, dst

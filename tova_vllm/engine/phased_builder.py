@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import operator
 import os
 
 import torch
@@ -20,6 +21,7 @@ from .layer_batch import LayerBatch
 from .plan import EvictionBatch, Phase, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
 from .side_state import PolicyGroups, group_rows
+from .handoff import step_runner
 from .step_context import batch_rows, host_block_table
 
 
@@ -51,6 +53,66 @@ class TovaStepMetadata:
     layer_batch: Optional[LayerBatch] = None
 
 
+@dataclass
+class SteadyStep:
+    """The last step, kept when it was a *steady step*: one phase of decode tokens, each
+    row either in steady decode (``EvictionSchedule.steady_decode``: at its budget, layout
+    settled, one eviction) or still growing towards its budget (no eviction yet).  The next
+    step of the same rows, one token further on the same block tables, in which no growing
+    row reaches its budget, evicts the same rows at the same cache slots: only the logical
+    positions move, and the growing rows' write slot and length.  So it reuses this plan
+    instead of making it again (on a small model, planning costs more than the eviction).
+    Anything else is planned afresh."""
+
+    states: list  # each row's request state in the runner (compared by identity)
+    seq_lens: torch.Tensor  # [rows] host: tokens each row held after the step
+    block_table: torch.Tensor  # [rows, blocks] host copy of the step's block table
+    #: [rows, blocks] host int64: the table the phase's slots come from (each row's own
+    #: from its block base, with copy-on-write)
+    row_table: torch.Tensor
+    budgets: torch.Tensor  # [rows] host: each row's budget C
+    evicting: torch.Tensor  # [rows] host bool: the rows that evict (the others grow)
+    side_state: bool
+    phase: TovaPhaseMetadata  # the step's one phase (its stock metadata is rebuilt)
+    #: The phase's replacements in ``CommonAttentionMetadata`` for the stock build
+    #: (``block_table_tensor`` only when copy-on-write shifted it).
+    stock_inputs: dict
+    block_size: int
+
+    def follows(self, states: list, seq_lens: torch.Tensor, block_table: torch.Tensor) -> bool:
+        """Whether a step of rows ``states`` at ``seq_lens`` is this one's next steady step.
+        (One token per row is checked by the caller.)"""
+        return (len(states) == len(self.states)
+                and all(map(operator.is_, states, self.states))
+                and torch.equal(seq_lens, self.seq_lens + 1)
+                and torch.equal(block_table, self.block_table)
+                and torch.equal(seq_lens - 1 >= self.budgets, self.evicting))
+
+    def advance(self, seq_lens: torch.Tensor, device) -> TovaPhaseMetadata:
+        """The phase of the next step (``follows`` holds), without stock metadata."""
+        phase = self.phase
+        computed = seq_lens.to(torch.long) - 1
+        positions = host_to_device(computed, device)
+        # Updated in place: the last step, which shared these objects, has run (its layer
+        # batch is checked finished) or, on a GPU, has had its kernels launched.
+        phase.positions = positions
+        if phase.evictions is not None:
+            phase.evictions.query_position = positions[phase.evictions.rows]
+        if not bool(self.evicting.all()):
+            # Growing rows write at cache position = logical position, in ordinary blocks.
+            bs = self.block_size
+            live = torch.minimum(computed, self.budgets)
+            lens = (live + 1).to(torch.int32)
+            slots = (self.row_table.gather(1, (live // bs).unsqueeze(1)).squeeze(1) * bs
+                     + live % bs)
+            phase.slots = host_to_device(slots, device)
+            self.stock_inputs.update(seq_lens=host_to_device(lens, device),
+                                     seq_lens_cpu_upper_bound=lens,
+                                     max_seq_len=int(lens.max()), slot_mapping=phase.slots)
+        self.seq_lens = seq_lens.clone()
+        return phase
+
+
 class TovaPhasedBuilder:
     """Mixin: ``class Builder(TovaPhasedBuilder, StockBuilder)``."""
 
@@ -65,6 +127,8 @@ class TovaPhasedBuilder:
         self._layer_batch_on = (self.batches_layers
                                 and os.environ.get("TOVA_VLLM_LAYER_BATCH", "1") != "0")
         self._last_layer_batch: Optional[LayerBatch] = None
+        self._steady: Optional[SteadyStep] = None
+        self._reuse_steady = os.environ.get("TOVA_VLLM_REUSE_STEADY", "1") != "0"
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -73,16 +137,46 @@ class TovaPhasedBuilder:
         if self._last_layer_batch is not None:
             self._last_layer_batch.check_finished()
             self._last_layer_batch = None
+        steady, self._steady = self._steady, None
+        decode = cm.max_query_len == 1 and cm.num_actual_tokens == cm.num_reqs
+        if steady is not None and decode:
+            step = self._next_steady_step(common_prefix_len, cm, fast_build, steady)
+            if step is not None:
+                return step
         planned = self._plan(cm)
         if planned is None:
             # Nothing has been or will be evicted this step: cache positions are logical
             # positions, and vLLM's own metadata and KV write are exactly right.
             return super().build(common_prefix_len, cm, fast_build)
-        plan, policies, host_table, side_state = planned
+        plan, requests, policies, host_table, side_state = planned
         device = cm.slot_mapping.device
         self._point_vllm_write(cm, plan[0], device)
-        phases = [self._phase_metadata(common_prefix_len, cm, fast_build, phase, policies,
-                                       host_table, side_state, device) for phase in plan]
+        phases, stock_inputs = [], None
+        for phase in plan:
+            stock_inputs = self._stock_inputs(cm, phase, device)
+            phases.append(self._phase_metadata(common_prefix_len, cm, fast_build, phase,
+                                               policies, host_table, side_state, device,
+                                               stock_inputs))
+        cow = self.tova_spec.tova_copy_on_write
+        if (self._reuse_steady and decode and len(phases) == 1
+                and phases[0].accumulate is None
+                and all(r.num_computed < r.cache_size and r.num_computed >= r.prompt_len
+                        or r.schedule().steady_decode(r.num_computed, r.num_new, cow)
+                        for r in requests)):
+            runner = step_runner.require()
+            budgets = torch.tensor([r.cache_size for r in requests], dtype=torch.long)
+            seq_lens = self._host_seq_lens(cm).clone()
+            row_table = host_table if plan[0].block_table is None else plan[0].block_table
+            self._steady = SteadyStep(
+                states=self._row_states(runner, cm.num_reqs), seq_lens=seq_lens,
+                block_table=host_table.clone(), row_table=row_table.to(torch.long, copy=True),
+                budgets=budgets,
+                evicting=seq_lens - 1 >= budgets, side_state=side_state, phase=phases[0],
+                stock_inputs=stock_inputs, block_size=self.block_size)
+        return self._step_metadata(cm, phases, side_state)
+
+    def _step_metadata(self, cm, phases: list[TovaPhaseMetadata],
+                       side_state: bool) -> TovaStepMetadata:
         layer_batch = None
         last = phases[-1]
         groups = last.eviction_groups
@@ -94,16 +188,44 @@ class TovaPhasedBuilder:
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 
+    def _next_steady_step(self, common_prefix_len, cm, fast_build,
+                          steady: SteadyStep) -> Optional[TovaStepMetadata]:
+        """This step from the last one's plan when it is its next steady step (see
+        :class:`SteadyStep`); None otherwise."""
+        runner = step_runner.require()
+        seq_lens = self._host_seq_lens(cm)
+        host_table = host_block_table(cm.block_table_tensor[: cm.num_reqs])
+        if not steady.follows(self._row_states(runner, cm.num_reqs), seq_lens, host_table):
+            return None
+        phase = steady.advance(seq_lens, cm.slot_mapping.device)
+        vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
+        vllm_slots.copy_(phase.slots.to(vllm_slots.dtype))
+        stock = dict(steady.stock_inputs)
+        stock.setdefault("block_table_tensor", cm.block_table_tensor)
+        phase.attention = super().build(common_prefix_len, cm.replace(**stock), fast_build)
+        self._steady = steady
+        return self._step_metadata(cm, [phase], steady.side_state)
+
+    @staticmethod
+    def _row_states(runner, num_reqs: int) -> list:
+        return [runner.requests[r] for r in runner.input_batch.req_ids[:num_reqs]]
+
+    @staticmethod
+    def _host_seq_lens(cm) -> torch.Tensor:
+        # The runner's host seq_lens are exact except for async speculative decoding,
+        # which TOVA refuses; not filled by every runner: then the device copy.
+        host = cm.seq_lens_cpu_upper_bound
+        if host is None:
+            host = cm.seq_lens.cpu()
+        return host[: cm.num_reqs]
+
     def _plan(self, cm):
         """The step's phases, each row's policy, the host block table and whether side
         state is kept; None when nothing is or was evicted.  Made on the host, from host
         copies: no wait for the device (the runner's host seq_lens are exact except for
         async speculative decoding, which TOVA refuses)."""
         num_reqs = cm.num_reqs
-        host_seq_lens = cm.seq_lens_cpu_upper_bound
-        if host_seq_lens is None:  # not filled by this runner: read the device copy
-            host_seq_lens = cm.seq_lens.cpu()
-        seq_lens = host_seq_lens[:num_reqs].tolist()
+        seq_lens = self._host_seq_lens(cm).tolist()
         prompt_lens, budgets, policies = batch_rows(num_reqs, self.settings)
         side_state = any(p.needs_positions for p in policies)
         if not side_state and all(n <= c for n, c in zip(seq_lens, budgets)):
@@ -119,7 +241,7 @@ class TovaPhasedBuilder:
         host_table = host_block_table(cm.block_table_tensor[:num_reqs])
         plan = plan_step(requests, host_table, self.block_size,
                          copy_on_write=self.tova_spec.tova_copy_on_write)
-        return plan, policies, host_table, side_state
+        return plan, requests, policies, host_table, side_state
 
     @staticmethod
     def _point_vllm_write(cm, first: Phase, device) -> None:
@@ -133,44 +255,51 @@ class TovaPhasedBuilder:
             vllm_slots.fill_(-1)  # negative slots are skipped by the write op
             vllm_slots[host_to_device(first.token_index, device)] = first_slots
 
+    @staticmethod
+    def _stock_inputs(cm, phase: Phase, device) -> dict:
+        """What the stock builder must see instead of the step's own
+        ``CommonAttentionMetadata`` fields to build one phase's attention metadata."""
+
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return host_to_device(t, device)
+
+        inputs = dict(seq_lens=on_device(phase.cache_lens),
+                      seq_lens_cpu_upper_bound=phase.cache_lens,
+                      max_seq_len=int(phase.cache_lens.max()),
+                      slot_mapping=on_device(phase.slots))
+        # Copy-on-write: rows whose cache starts past block 0 read from their block base.
+        if phase.block_table is not None:
+            block_table = cm.block_table_tensor.clone()
+            block_table[: cm.num_reqs] = on_device(phase.block_table)
+            inputs["block_table_tensor"] = block_table
+        if phase.token_index is not None:
+            block_table = inputs.get("block_table_tensor", cm.block_table_tensor)
+            rows = on_device(torch.tensor(phase.rows, dtype=torch.long))
+            inputs.update(
+                query_start_loc=on_device(phase.query_start_loc),
+                query_start_loc_cpu=phase.query_start_loc,
+                num_reqs=len(phase.rows),
+                num_actual_tokens=int(phase.slots.numel()),
+                max_query_len=phase.max_query_len,
+                block_table_tensor=block_table[: cm.num_reqs][rows],
+                is_prefilling=None,
+                positions=None,
+            )
+        return inputs
+
     def _phase_metadata(self, common_prefix_len, cm, fast_build, phase: Phase, policies,
-                        host_table, side_state: bool, device) -> TovaPhaseMetadata:
-        """The stock attention metadata of one phase, with its eviction inputs on the
-        device (made once per step, read by every layer)."""
+                        host_table, side_state: bool, device,
+                        stock_inputs: dict) -> TovaPhaseMetadata:
+        """The stock attention metadata of one phase (from ``stock_inputs``), with its
+        eviction inputs on the device (made once per step, read by every layer)."""
 
         def on_device(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else host_to_device(t, device)
 
-        max_seq_len = int(phase.cache_lens.max())
-        slots = on_device(phase.slots)
-        # Copy-on-write: rows whose cache starts past block 0 read from their block base.
-        block_table = cm.block_table_tensor
         if phase.block_table is not None:
             host_table = phase.block_table
-            block_table = block_table.clone()
-            block_table[: cm.num_reqs] = on_device(phase.block_table)
-        if phase.token_index is None:
-            phase_cm = cm.replace(seq_lens=on_device(phase.cache_lens),
-                                  seq_lens_cpu_upper_bound=phase.cache_lens,
-                                  max_seq_len=max_seq_len, slot_mapping=slots,
-                                  block_table_tensor=block_table)
-        else:
-            rows = host_to_device(torch.tensor(phase.rows, dtype=torch.long), device)
-            phase_cm = cm.replace(
-                query_start_loc=on_device(phase.query_start_loc),
-                query_start_loc_cpu=phase.query_start_loc,
-                seq_lens=on_device(phase.cache_lens),
-                seq_lens_cpu_upper_bound=phase.cache_lens,
-                num_reqs=len(phase.rows),
-                num_actual_tokens=int(phase.slots.numel()),
-                max_query_len=phase.max_query_len,
-                max_seq_len=max_seq_len,
-                block_table_tensor=block_table[: cm.num_reqs][rows],
-                slot_mapping=slots,
-                is_prefilling=None,
-                positions=None,
-            )
-        attention = super().build(common_prefix_len, phase_cm, fast_build)
+        slots = stock_inputs["slot_mapping"]
+        attention = super().build(common_prefix_len, cm.replace(**stock_inputs), fast_build)
         ev = phase.evictions
         ev_groups = eviction_queries = None
         if ev is not None:

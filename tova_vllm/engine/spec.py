@@ -91,6 +91,10 @@ class TovaManager(FullAttentionManager):
         self.copy_on_write = kv_cache_spec.tova_copy_on_write
         #: Per request: (block table entries, block base) of the coming allocate_new_blocks.
         self._table_to_allocate: dict[str, tuple[int, int]] = {}
+        #: Per request: the (start, end, table length) its blocks were last trimmed to.
+        self._held: dict[str, tuple[int, Optional[int], int]] = {}
+        #: Per request: (request, prompt length, schedule), asked several times per step.
+        self._schedules: dict[str, tuple[Any, int, EvictionSchedule]] = {}
 
     def _schedule(self, request_id: str) -> EvictionSchedule:
         if self.requests is None:
@@ -100,12 +104,17 @@ class TovaManager(FullAttentionManager):
         return self.schedule_of(self.requests[request_id])
 
     def schedule_of(self, request) -> EvictionSchedule:
+        known = self._schedules.get(request.request_id)
+        if known is not None and known[0] is request and known[1] == request.num_prompt_tokens:
+            return known[2]
         spec: TovaSpec = self.kv_cache_spec
         # Validated when the request entered the engine (input_processor_validates_budget).
         budget = request_cache_size(
             getattr(request.sampling_params, "extra_args", None), spec.tova_cache_size
         )
-        return EvictionSchedule(budget, request.num_prompt_tokens, spec.prompt_chunk)
+        schedule = EvictionSchedule(budget, request.num_prompt_tokens, spec.prompt_chunk)
+        self._schedules[request.request_id] = (request, request.num_prompt_tokens, schedule)
+        return schedule
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
@@ -144,6 +153,9 @@ class TovaManager(FullAttentionManager):
         start, end = self._schedule(request_id).held_table(
             processed_computed_tokens, self.block_size, self.copy_on_write)
         blocks = self.req_to_blocks[request_id]
+        if (start, end, len(blocks)) == self._held.get(request_id):
+            return  # steady decode: freed up to here already, nothing new past the end
+        self._held[request_id] = (start, end, len(blocks))
         if start:
             self._remove_blocks_in_range(request_id, 0, start)
         if end is not None:
@@ -167,4 +179,6 @@ class TovaManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         self._table_to_allocate.pop(request_id, None)
+        self._schedules.pop(request_id, None)
+        self._held.pop(request_id, None)
         super().free(request_id)

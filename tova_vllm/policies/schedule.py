@@ -72,6 +72,8 @@ class EvictionSchedule:
             raise ValueError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.prompt_chunk is not None and self.prompt_chunk < 1:
             raise ValueError(f"prompt_chunk must be >= 1, got {self.prompt_chunk}")
+        # Asked several times per request and step by the KV manager and the planner.
+        object.__setattr__(self, "_first_eviction", self.next_boundary_after(self.cache_size))
 
     def is_boundary(self, b: int) -> bool:
         if b <= 0:
@@ -99,7 +101,16 @@ class EvictionSchedule:
     def first_eviction(self) -> int:
         """The boundary of the request's first eviction: the first boundary past C (the
         live count there is the boundary itself, > C, as nothing was dropped before)."""
-        return self.next_boundary_after(self.cache_size)
+        return self._first_eviction
+
+    def steady_decode(self, start: int, num_new: int,
+                      copy_on_write: bool = False) -> bool:
+        """Whether processing [start, start + num_new) is one decode token at the budget
+        past every change of layout: C live before it, one eviction after it, and (copy-on-
+        write) the survivors already in the private blocks.  Such a step touches the same
+        cache positions and block-table entries as the one before it."""
+        return (num_new == 1 and start >= self.prompt_len and start >= self.cache_size
+                and (not copy_on_write or start >= self._first_eviction))
 
     def private_base(self, n: int, block_size: int) -> int:
         """Copy-on-write: the block index of cache position 0 once ``n`` tokens are
@@ -114,6 +125,11 @@ class EvictionSchedule:
         """Block-table entries needed to process [start, start + num_new): the cache
         positions of :meth:`peak_live` in place; with copy-on-write, each segment's
         positions counted from its block base, and the first eviction's destination."""
+        if self.steady_decode(start, num_new, copy_on_write):  # the common case
+            return (self.private_base(start, block_size) if copy_on_write else 0) + cdiv(
+                decode_positions(self.cache_size), block_size)
+        if num_new == 1 and self.prompt_len <= start < self.cache_size:
+            return cdiv(start + 1, block_size)  # decode below the budget: nothing evicted
         if not copy_on_write:
             return cdiv(self.peak_live(start, num_new), block_size)
         first = self.first_eviction()

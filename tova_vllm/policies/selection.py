@@ -25,8 +25,9 @@ def position_to_drop(scores: torch.Tensor, live: torch.Tensor,
     """Batched decode rule: for each row the lowest-scoring live cache position (ties: the
     highest position); -1 for a row with nothing live.
 
-    ``scores`` is ``[rows, positions]``; positions at or past ``live[row]`` are padding
-    (``padding``: that mask, when the caller already has it).
+    ``scores`` is ``[rows, positions]``, or ``[..., rows, positions]`` for several batches
+    sharing ``live`` (``[rows]``); positions at or past ``live[row]`` are padding
+    (``padding``: that ``[rows, positions]`` mask, when the caller already has it).
     """
     width = scores.shape[-1]
     if padding is None:

@@ -205,8 +205,10 @@ static void run_kernel(const job_t *j) {
 int tova_key_logits(const void *const *pages, int layers, int dtype, int64_t block_elems,
                     int kv_heads, int bs, int D, int T, int P, const int32_t *table, int rows,
                     int per_row, const float *q, int group, float scale, const int32_t *live,
-                    float *out, int threads) {
+                    float *out, int threads, int num_blocks) {
     if (dtype < F32 || dtype > F16 || T <= 0 || P <= 0 || bs % T || D % P) return -1;
+    for (int64_t i = 0; i < (int64_t)rows * per_row; ++i)
+        if (table[i] < 0 || table[i] >= num_blocks) return -2;
     const job_t base = {(const char *const *)pages, dtype, rows, block_elems, kv_heads, bs,
                         D, T, P, group, per_row, table, q, live, scale, out, 0, 0};
     const int64_t items = (int64_t)layers * rows * kv_heads;
@@ -232,8 +234,15 @@ int tova_key_logits(const void *const *pages, int layers, int dtype, int64_t blo
  * first. */
 int tova_copy_slots(void *const *pages, int layers, int elem_bytes, int64_t block_elems,
                     int bs, const int64_t *elements, int64_t M, const int64_t *src,
-                    int64_t src_stride, const int64_t *dst, int64_t dst_stride, int64_t n) {
+                    int64_t src_stride, const int64_t *dst, int64_t dst_stride, int64_t n,
+                    int64_t num_slots) {
     if (elem_bytes != 4 && elem_bytes != 2 && elem_bytes != 1) return -1;
+    /* Every slot is checked before anything is written: a bad one changes nothing. */
+    for (int l = 0; l < layers; ++l)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t s = src[l * src_stride + i], d = dst[l * dst_stride + i];
+            if (s < 0 || s >= num_slots || d < 0 || d >= num_slots) return -2;
+        }
     for (int l = 0; l < layers; ++l) {
         for (int64_t i = 0; i < n; ++i) {
             const int64_t s = src[l * src_stride + i], d = dst[l * dst_stride + i];
@@ -251,6 +260,36 @@ int tova_copy_slots(void *const *pages, int layers, int elem_bytes, int64_t bloc
                 uint8_t *p = (uint8_t *)pages[l];
                 for (int64_t m = 0; m < M; ++m) p[b + to[m]] = p[a + from[m]];
             }
+        }
+    }
+    return 0;
+}
+
+/* The decode rule's choice for L layers x E rows at once, exactly as
+ * policies.selection.position_to_drop makes it (no arithmetic, so the same answer): row e
+ * of layer l drops its lowest-scoring live cache position (ties: the highest; a NaN ranks
+ * lowest, as torch.argmin has it), and its last live position moves into the dropped one.
+ * scores [L][E][width] (float32, or float64 when f64), live [E] (>= 1), slots [E][width]:
+ * the slot of each cache position.  Writes src[e] = slot of row e's last live position and
+ * dst[l * E + e] = slot of the dropped one (== src when the last one is dropped). */
+int tova_decode_drop(const void *scores, int f64, int layers, int64_t rows, int64_t width,
+                     const int32_t *live, const int64_t *slots, int64_t *src, int64_t *dst) {
+    for (int64_t e = 0; e < rows; ++e)
+        if (live[e] < 1 || live[e] > width) return -2;
+    for (int64_t e = 0; e < rows; ++e) src[e] = slots[e * width + live[e] - 1];
+    for (int l = 0; l < layers; ++l) {
+        for (int64_t e = 0; e < rows; ++e) {
+            const int64_t base = ((int64_t)l * rows + e) * width;
+            int64_t lowest = -1, last_nan = -1;
+            double best = 0.0;
+            for (int64_t s = 0; s < live[e]; ++s) {
+                const double v = f64 ? ((const double *)scores)[base + s]
+                                     : (double)((const float *)scores)[base + s];
+                if (v != v) last_nan = s;
+                else if (lowest < 0 || v <= best) { best = v; lowest = s; }
+            }
+            const int64_t drop = last_nan >= 0 ? last_nan : lowest;
+            dst[(int64_t)l * rows + e] = slots[e * width + drop];
         }
     }
     return 0;
