@@ -114,6 +114,21 @@ def run(llm, requests: Sequence[Req], *, logprobs: bool = False,
     return result
 
 
+def reference_tokens(hf_model, request: Req, tova: dict) -> list[int]:
+    """The plain-PyTorch reference's greedy tokens for ``request`` in an engine whose TOVA
+    settings are ``tova`` (the request's own budget and policy, if any, win)."""
+    from tova_vllm.reference import generate
+
+    extra = request.extra_args or {}
+    chunked = tova.get("prompt_mode") == "chunked"
+    return generate(hf_model, list(request.prompt),
+                    cache_size=extra.get("tova_cache_size", tova["cache_size"]),
+                    max_new_tokens=request.max_tokens,
+                    policy=extra.get("tova_policy", tova.get("policy", "tova")),
+                    **(dict(prompt_mode="chunked", prompt_chunk=tova["prompt_chunk"])
+                       if chunked else {})).token_ids
+
+
 def kv_manager(scheduler):
     (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
     return manager

@@ -125,9 +125,7 @@ def test_layer_batch_that_missed_a_layer_fails_loudly():
 @pytest.mark.parametrize("layer_batch", ["1", "0"])
 def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_models,
                                                                 monkeypatch, layer_batch):
-    from engine_harness import Req, make_llm, random_prompts, run, shutdown
-
-    from tova_vllm.reference import generate
+    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
 
     monkeypatch.setenv("TOVA_VLLM_LAYER_BATCH", layer_batch)
     calls = []
@@ -135,7 +133,6 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     monkeypatch.setattr(CpuEvictor, "evict_layers",
                         lambda self, *a: calls.append(len(a) > 3) or original(self, *a))
     prompts = random_prompts([5, 30, 90, 17, 40, 60], seed=3)
-    requests = [Req(p, 40, 0) for p in prompts]
     # Per-request budgets (rows of different widths) and policies in one batch; window
     # and sink_window decode through the batch too (H2O accumulates: layer by layer).
     extra = [{}, {"tova_cache_size": 24}, {}, {}, {"tova_policy": "window"},
@@ -146,11 +143,9 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
         result = run(llm, requests)
     finally:
         shutdown(llm)
-    for i, (prompt, x) in enumerate(zip(prompts, extra)):
-        want = generate(hf_models["llama_gqa"], list(prompt),
-                        cache_size=x.get("tova_cache_size", 32), max_new_tokens=40,
-                        policy=x.get("tova_policy", "tova")).token_ids
-        assert result.tokens[i] == want, i
+    for i, request in enumerate(requests):
+        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
+                                                    {"cache_size": 32}), i
     assert (len(calls) > 0) == (layer_batch == "1")
     # Steps with window rows went through the batch with their policy groups.
     assert any(calls) == (layer_batch == "1")

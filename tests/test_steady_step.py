@@ -52,10 +52,9 @@ def _same(a, b, what):
 @pytest.mark.parametrize("prompt_chunk", [None, 8])
 def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypatch,
                                                prefix_caching, prompt_chunk):
-    from engine_harness import Req, make_llm, random_prompts, run, shutdown
+    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
 
     from tova_vllm.engine import phased_builder
-    from tova_vllm.reference import generate
 
     builder_cls = phased_builder.TovaPhasedBuilder
     original = builder_cls._next_steady_step
@@ -115,13 +114,8 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
         result = run(llm, requests)
     finally:
         shutdown(llm)
-    for i, (prompt, x) in enumerate(zip(prompts, extra)):
-        want = generate(hf_models["llama_gqa"], list(prompt),
-                        cache_size=x.get("tova_cache_size", 32), max_new_tokens=48,
-                        policy=x.get("tova_policy", "tova"),
-                        **({} if prompt_chunk is None else
-                           dict(prompt_mode="chunked", prompt_chunk=prompt_chunk))).token_ids
-        assert result.tokens[i] == want, i
+    for i, request in enumerate(requests):
+        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request, tova), i
     # Most decode steps of this workload are steady ones, with several rows, some while a
     # short prompt's row still grows towards its budget.
     assert len(reused) > 20 and max(n for n, _ in reused) >= 3, (len(reused), len(planned))
