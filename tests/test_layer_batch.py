@@ -56,8 +56,9 @@ def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_head
 def test_evict_layers_with_policy_groups_equals_layer_by_layer(
         dtype, block_size, head_size, q_heads, kv_heads, num_layers, k_reader):
     """Rows of TOVA, ``window`` and ``sink_window`` in one batch: every layer's cache and
-    side state (positions and accumulated attention) end exactly as evicting layer by
-    layer through the general path leaves them."""
+    side-state positions end exactly as evicting layer by layer through the general path
+    leaves them (accumulated attention is not kept by a batched step: none of its rows
+    accumulates, and a slot's is reset when an accumulating request writes it)."""
     from tova_vllm.engine.side_state import SlotSideState, group_rows
     from tova_vllm.policies import EvictionPolicy
 
@@ -92,7 +93,26 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
         assert torch.equal(caches[layer], expected_caches[layer]), f"layer {layer}"
         assert not torch.equal(caches[layer], original[layer]), f"layer {layer}: nothing moved"
         assert torch.equal(sides[layer].positions, expected_sides[layer][0]), f"layer {layer}"
-        assert torch.equal(sides[layer].accumulated, expected_sides[layer][1]), f"layer {layer}"
+
+
+def test_layer_batch_writes_every_layers_side_state_positions(k_reader):
+    """The batch writes the new slots' positions into every layer's side state before it
+    evicts (the layers themselves do not, in a batched step)."""
+    from tova_vllm.engine.layer_batch import write_positions
+    from tova_vllm.engine.side_state import SlotSideState
+
+    sides = [SlotSideState(50, torch.device("cpu")) for _ in range(3)]
+    for side in sides:
+        side.positions.random_(0, 1000)
+    want = [side.positions.clone() for side in sides]
+    slots, positions = torch.tensor([3, 17, 49, 0]), torch.tensor([100, 7, 65536, 2])
+    for w in want:
+        w[slots] = positions.to(torch.int32)
+    write_positions(sides, slots, positions)
+    for side, w in zip(sides, want):
+        assert torch.equal(side.positions, w)
+    with pytest.raises(IndexError):  # past the spare entry (slot 50)
+        write_positions(sides, torch.tensor([51]), torch.tensor([1]))
 
 
 class _CountingEvictor:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import native
 from .plan import EvictionBatch
 from .side_state import PolicyGroups
 
@@ -37,6 +38,11 @@ class LayerBatch:
     #: also hands over its side state.
     groups: Optional[PolicyGroups] = None
     sides: list[Any] = field(default_factory=list)  # each layer's SlotSideState, or None
+    #: ``(slots, positions)`` of the step's new tokens when side state is kept: written
+    #: into every layer's side state here, at once, instead of by each layer (nothing
+    #: reads it before the eviction; no row of a batched step accumulates attention, so
+    #: only the positions are kept up to date).
+    side_writes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     done: bool = False
 
     def add(self, evictor, cache, queries: torch.Tensor, side=None) -> None:
@@ -47,6 +53,8 @@ class LayerBatch:
         self.queries.append(queries)
         self.sides.append(side)
         if len(self.caches) == self.num_layers:
+            if self.side_writes is not None:
+                write_positions(self.sides, *self.side_writes)
             if self.groups is None:
                 self.evictor.evict_layers(self.queries, self.caches, self.evictions)
             else:
@@ -62,3 +70,13 @@ class LayerBatch:
                 f"tova-vllm: {len(self.caches)} of {self.num_layers} layers of the attention "
                 "group attended in the last step, so its batched eviction never ran; "
                 "set TOVA_VLLM_LAYER_BATCH=0 to evict layer by layer and report this")
+
+
+def write_positions(sides, slots: torch.Tensor, positions: torch.Tensor) -> None:
+    """Every layer's side state records the logical positions of the new slots."""
+    if any(side is None for side in sides):
+        raise RuntimeError("tova-vllm: a layer of a step with side state has none")
+    arrays = [side.positions for side in sides]
+    if not native.scatter_positions(arrays, slots, positions):
+        for array in arrays:
+            array[slots] = positions.to(array.dtype)

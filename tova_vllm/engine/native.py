@@ -97,6 +97,10 @@ def library() -> Optional[ctypes.CDLL]:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn = lib.tova_scatter_i32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64]
     fn = lib.tova_decode_drop
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
@@ -224,3 +228,21 @@ def decode_drops(scores: torch.Tensor, live: torch.Tensor, slots: torch.Tensor
     if status != 0:
         raise IndexError(f"tova-vllm: live lengths outside 1..{width}")
     return src, dst
+
+
+def scatter_positions(arrays: list[torch.Tensor], slots: torch.Tensor,
+                      positions: torch.Tensor) -> bool:
+    """``array[slots] = positions`` for every int32 array (each layer's side-state
+    positions) in one call; False when the library is not there (the caller indexes)."""
+    lib = library()
+    if lib is None or not all(a.device.type == "cpu" and a.dtype == torch.int32
+                              and a.is_contiguous() and a.shape == arrays[0].shape
+                              for a in arrays):
+        return False
+    slots = slots.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    pointers = (ctypes.c_void_p * len(arrays))(*(a.data_ptr() for a in arrays))
+    if lib.tova_scatter_i32(pointers, len(arrays), slots.data_ptr(), positions.data_ptr(),
+                            slots.numel(), arrays[0].numel()) != 0:
+        raise IndexError(f"tova-vllm: slots outside 0..{arrays[0].numel() - 1}")
+    return True

@@ -80,8 +80,8 @@ class TovaImplMixin:
                 out = torch.empty_like(output[: idx.numel()])
             if i > 0:  # vLLM's own cache update already wrote the first phase
                 self._write_kv(layer, k, v, kv_cache, phase.slots)
-            if side is not None:
-                side.write(phase.slots, phase.positions)
+            if side is not None and attn_metadata.layer_batch is None:
+                side.write(phase.slots, phase.positions)  # (the layer batch writes all)
             lse = self._attend(layer, q, k, v, kv_cache, phase, out)
             if phase.token_index is not None:
                 output[phase.token_index] = out

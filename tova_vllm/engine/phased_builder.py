@@ -183,8 +183,9 @@ class TovaPhasedBuilder:
         if (self._layer_batch_on and len(phases) == 1 and last.evictions is not None
                 and last.evictions.one_drop_each and last.accumulate is None
                 and not any(policy.needs_accumulated for policy, _ in groups or ())):
-            layer_batch = self._last_layer_batch = LayerBatch(last.evictions, self.num_layers,
-                                                              groups=groups)
+            layer_batch = self._last_layer_batch = LayerBatch(
+                last.evictions, self.num_layers, groups=groups,
+                side_writes=(last.slots, last.positions) if side_state else None)
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 

@@ -294,3 +294,15 @@ int tova_decode_drop(const void *scores, int f64, int layers, int64_t rows, int6
     }
     return 0;
 }
+
+/* values[i] (int64, stored as int32) into arrays[a][index[i]] for every array a: the new
+ * slots' logical positions in every layer's side state at once.  Indices are checked
+ * below size before anything is written. */
+int tova_scatter_i32(int32_t *const *arrays, int n_arrays, const int64_t *index,
+                     const int64_t *values, int64_t n, int64_t size) {
+    for (int64_t i = 0; i < n; ++i)
+        if (index[i] < 0 || index[i] >= size) return -2;
+    for (int a = 0; a < n_arrays; ++a)
+        for (int64_t i = 0; i < n; ++i) arrays[a][index[i]] = (int32_t)values[i];
+    return 0;
+}
