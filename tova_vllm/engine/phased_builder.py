@@ -2,7 +2,8 @@
 
 A mixin placed before vLLM's own metadata builder: it plans the step once (``plan.py``),
 points vLLM's KV write at the first phase's cache slots, and asks the stock builder for one
-metadata object per phase, so each platform keeps its own attention kernel.
+metadata object per phase, so each platform keeps its own attention kernel.  A steady step
+(:class:`SteadyStep`) reuses the last step's plan instead of planning again.
 """
 
 from __future__ import annotations
