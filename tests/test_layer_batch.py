@@ -53,8 +53,12 @@ def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_head
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads", GRID[::3],
                          ids=IDS[::3])
+@pytest.mark.parametrize("names", [
+    ("window", "tova", "sink_window", "tova", "window", "sink_window"),
+    ("sink_window",) * 6,  # one group: the batch takes every row without gathers
+])
 def test_evict_layers_with_policy_groups_equals_layer_by_layer(
-        dtype, block_size, head_size, q_heads, kv_heads, num_layers, k_reader):
+        dtype, block_size, head_size, q_heads, kv_heads, num_layers, names, k_reader):
     """Rows of TOVA, ``window`` and ``sink_window`` in one batch: every layer's cache and
     side-state positions end exactly as evicting layer by layer through the general path
     leaves them (accumulated attention is not kept by a batched step: none of its rows
@@ -64,8 +68,7 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
 
     gen = torch.Generator().manual_seed(block_size * 10 + head_size + num_layers)
     budgets = [7, 40, 2 * block_size, 9, 40, 12]
-    policies = [EvictionPolicy(name) for name in
-                ("window", "tova", "sink_window", "tova", "window", "sink_window")]
+    policies = [EvictionPolicy(name) for name in names]
     evictor, caches, queries, ev = decode_case(dtype, block_size, head_size, q_heads,
                                                kv_heads, num_layers, budgets, gen,
                                                query_scale=3)

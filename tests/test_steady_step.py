@@ -4,7 +4,8 @@
   the plan made afresh for the same step (slots, positions, eviction rows, block tables,
   stock attention inputs), over batches with staggered arrivals, prompts shorter and
   longer than the budget, per-request budgets and policies, ``chunked`` mode, prefix
-  caching on and off; the reuse must have happened, and the tokens equal the reference.
+  caching on and off, on the CPU backend and on the CUDA backend's builder (FlashAttention
+  stand-ins on CPU); the reuse must have happened, and the tokens equal the reference.
 * ``EvictionSchedule.steady_decode`` (what makes a step reusable, and the KV manager's
   short cut) holds from a point on, and nothing it promises changes from one such step to
   the next.
@@ -12,8 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from flash_attn_on_cpu import flash_attention_on_cpu
 
 from tova_vllm.policies import EvictionSchedule
 
@@ -48,9 +52,12 @@ def _same(a, b, what):
         assert torch.equal(a.cpu(), b.cpu()), what
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-@pytest.mark.parametrize("prompt_chunk", [None, 8])
-def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypatch,
+@pytest.mark.parametrize("backend,prefix_caching,prompt_chunk", [
+    ("cpu", True, None), ("cpu", False, None), ("cpu", True, 8), ("cpu", False, 8),
+    # The CUDA backend's builder shares the mixin (FlashAttention stand-ins on CPU).
+    ("cuda on cpu", True, None), ("cuda on cpu", False, None),
+])
+def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypatch, backend,
                                                prefix_caching, prompt_chunk):
     from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
 
@@ -109,11 +116,14 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
     tova = {"cache_size": 32}
     if prompt_chunk is not None:
         tova.update(prompt_mode="chunked", prompt_chunk=prompt_chunk)
-    llm = make_llm(tiny_models["llama_gqa"], tova, enable_prefix_caching=prefix_caching)
-    try:
-        result = run(llm, requests)
-    finally:
-        shutdown(llm)
+    with contextlib.ExitStack() as stack:
+        if backend == "cuda on cpu":
+            stack.enter_context(flash_attention_on_cpu())
+        llm = make_llm(tiny_models["llama_gqa"], tova, enable_prefix_caching=prefix_caching)
+        try:
+            result = run(llm, requests)
+        finally:
+            shutdown(llm)
     for i, request in enumerate(requests):
         assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request, tova), i
     # Most decode steps of this workload are steady ones, with several rows, some while a

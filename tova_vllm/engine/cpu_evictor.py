@@ -106,28 +106,42 @@ class CpuEvictor(Evictor):
         """fp64 keep scores ``[L * E, S]`` of rows whose policies differ, every layer at
         once: ``side_state.policy_keep_scores`` over a batch of L layers."""
         num_layers, (rows, width) = len(kv_caches), ev.block_ids.shape
+        if len(groups) == 1:  # one policy for every row (rows in order): no gathers
+            (policy, _), = groups
+            return self._group_scores(policy, queries, kv_caches, ev, sides, None)
         scores = torch.empty(num_layers, rows, width, dtype=torch.float64)
         for policy, members in groups:
-            if policy.needs_accumulated:
-                raise ValueError(f"tova-vllm: {policy.name} accumulates attention; its rows "
-                                 "evict layer by layer")
-            n = members.numel()
-            inputs = {}
-            if policy.needs_last_query_probs:
-                inputs["last_query_probs"] = self._layer_tova_scores(
-                    [q[members] for q in queries], kv_caches, ev.block_table[members],
-                    ev.live[members], ev.padding[members])
-            if policy.needs_positions:
-                if any(side is None for side in sides):
-                    raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
-                slots = ev.slots[members]
-                inputs["positions"] = torch.stack(
-                    [side.positions[slots] for side in sides]).view(num_layers * n, width)
-            scores[:, members] = policy.keep_scores(
-                cache_size=ev.keep[members].repeat(num_layers),
-                query_position=ev.query_position[members].repeat(num_layers), **inputs,
-            ).double().view(num_layers, n, width)
+            scores[:, members] = self._group_scores(policy, queries, kv_caches, ev, sides,
+                                                    members).view(num_layers, -1, width)
         return scores.view(num_layers * rows, width)
+
+    def _group_scores(self, policy, queries, kv_caches, ev: EvictionBatch, sides,
+                      members: Optional[torch.Tensor]) -> torch.Tensor:
+        """fp64 keep scores ``[L * n, S]`` of one policy's rows ``members`` (None: every
+        row) in every layer."""
+        if policy.needs_accumulated:
+            raise ValueError(f"tova-vllm: {policy.name} accumulates attention; its rows "
+                             "evict layer by layer")
+        num_layers, width = len(kv_caches), ev.block_ids.shape[1]
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if members is None else t[members]
+
+        inputs = {}
+        if policy.needs_last_query_probs:
+            inputs["last_query_probs"] = self._layer_tova_scores(
+                [pick(q) for q in queries], kv_caches, pick(ev.block_table), pick(ev.live),
+                pick(ev.padding))
+        if policy.needs_positions:
+            if any(side is None for side in sides):
+                raise RuntimeError(f"tova-vllm: policy {policy.name} needs side state")
+            slots = pick(ev.slots)
+            inputs["positions"] = torch.stack(
+                [side.positions[slots] for side in sides]).view(-1, width)
+        return policy.keep_scores(
+            cache_size=pick(ev.keep).repeat(num_layers),
+            query_position=pick(ev.query_position).repeat(num_layers), **inputs,
+        ).double()
 
     def query_logits(self, pages, batch: QueryBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         layout, block_size = self.layout(pages), self.block_size(pages)
