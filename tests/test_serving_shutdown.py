@@ -113,15 +113,15 @@ def test_sigterm_with_streams_in_flight_leaves_nothing(tiny_models, tmp_path, st
     assert not channel.exists(), server.tail()
     for outcome in outcomes:
         assert outcome["status"] == 200 and outcome["events"] > 0, outcome
-        # Never reported as complete.  Which of three ways it ends is a race inside vLLM:
-        # usually the stream is cut (no further event, no [DONE]; the client's read
-        # timeout ends it), but when the engine core's death reaches the API server
-        # first, the stream gets an error event, then [DONE]; or the request is finished
-        # as aborted (finish_reason "abort"), then [DONE].
+        # Never reported as complete (no finish reason "length" or "stop": max_tokens is
+        # far away).  How it ends is a race inside vLLM: usually the stream is cut (no
+        # further event, no [DONE]; the client's read timeout ends it), but when the
+        # engine core's death reaches the API server first, the stream gets an error
+        # event, then [DONE]; once in a full run here it got [DONE] with no error event
+        # (its finish reason was not recorded then; it is now, in the message below).
         cut = not outcome.get("done") and outcome.get("exception") == "TimeoutError"
-        failed = outcome.get("error_event") and outcome.get("done")
-        aborted = outcome.get("finish_reason") == "abort" and outcome.get("done")
-        assert cut or failed or aborted, outcome
+        ended = outcome.get("done") and outcome.get("finish_reason") not in ("length", "stop")
+        assert cut or ended, outcome
 
 
 def test_killed_engine_core_leaves_nothing(tiny_models, tmp_path, stopped):
