@@ -239,7 +239,9 @@ def test_decode_drops_equal_position_to_drop(dtype, layers, rows, width, values)
     assert torch.equal(dst, slots[rows_ids.expand(layers, rows), drop])
 
 
-def test_decode_drops_reject_bad_live():
+def test_decode_drops_reject_bad_live_and_shapes():
     for live in ([0], [4]):
         with pytest.raises(IndexError):
             native.decode_drops(torch.zeros(1, 1, 3), torch.tensor(live), torch.zeros(1, 3))
+    with pytest.raises(ValueError):
+        native.decode_drops(torch.zeros(1, 1, 3), torch.tensor([2]), torch.zeros(1, 4))

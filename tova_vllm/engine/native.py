@@ -217,6 +217,9 @@ def decode_drops(scores: torch.Tensor, live: torch.Tensor, slots: torch.Tensor
     if lib is None or scores.dtype not in (torch.float32, torch.float64):
         return None
     layers, rows, width = scores.shape
+    if tuple(slots.shape) != (rows, width) or tuple(live.shape) != (rows,):
+        raise ValueError(f"tova-vllm: scores {tuple(scores.shape)}, live {tuple(live.shape)} "
+                         f"and slots {tuple(slots.shape)} disagree")
     scores = scores.contiguous()
     live = live.to(torch.int32).contiguous()
     slots = slots.to(torch.int64).contiguous()
