@@ -122,7 +122,7 @@ class _CountingEvictor:
     def __init__(self):
         self.calls = []
 
-    def evict_layers(self, queries, caches, ev):
+    def evict_layers(self, queries, caches, ev, groups=None, sides=None):
         self.calls.append((list(queries), list(caches)))
 
 

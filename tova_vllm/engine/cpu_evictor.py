@@ -175,11 +175,10 @@ _SIDE_ELEMENT = torch.zeros(1, 1, dtype=torch.long)
 def _move_side_states(sides, src: torch.Tensor, dst: torch.Tensor) -> None:
     """The decode moves of every layer's side state: slot ``src[e]`` onto ``dst[l, e]``.
     Positions only: no row of a batched step accumulates attention (``LayerBatch``)."""
-    for name in ("positions",):
-        tensors = [getattr(side, name) for side in sides]
-        if not native.copy_slots(tensors, _SIDE_ELEMENT, src, dst):
-            for tensor, layer_dst in zip(tensors, dst):
-                tensor[layer_dst] = tensor[src]
+    tensors = [side.positions for side in sides]
+    if not native.copy_slots(tensors, _SIDE_ELEMENT, src, dst):
+        for tensor, layer_dst in zip(tensors, dst):
+            tensor[layer_dst] = tensor[src]
 
 
 def slot_elements(layout: PageLayout, kv_heads: int) -> torch.Tensor:

@@ -55,11 +55,8 @@ class LayerBatch:
         if len(self.caches) == self.num_layers:
             if self.side_writes is not None:
                 write_positions(self.sides, *self.side_writes)
-            if self.groups is None:
-                self.evictor.evict_layers(self.queries, self.caches, self.evictions)
-            else:
-                self.evictor.evict_layers(self.queries, self.caches, self.evictions,
-                                          self.groups, self.sides)
+            self.evictor.evict_layers(self.queries, self.caches, self.evictions,
+                                      self.groups, self.sides)
             self.done = True
             self.caches, self.queries, self.sides = [], [], []
 

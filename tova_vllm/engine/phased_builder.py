@@ -73,6 +73,7 @@ class SteadyStep:
     row_table: torch.Tensor
     budgets: torch.Tensor  # [rows] host: each row's budget C
     evicting: torch.Tensor  # [rows] host bool: the rows that evict (the others grow)
+    every_row_evicts: bool  # no growing row: nothing but the positions changes per step
     side_state: bool
     phase: TovaPhaseMetadata  # the step's one phase (its stock metadata is rebuilt)
     #: The phase's replacements in ``CommonAttentionMetadata`` for the stock build
@@ -98,8 +99,9 @@ class SteadyStep:
         # batch is checked finished) or, on a GPU, has had its kernels launched.
         phase.positions = positions
         if phase.evictions is not None:
-            phase.evictions.query_position = positions[phase.evictions.rows]
-        if not bool(self.evicting.all()):
+            phase.evictions.query_position = (positions if self.every_row_evicts
+                                              else positions[phase.evictions.rows])
+        if not self.every_row_evicts:
             # Growing rows write at cache position = logical position, in ordinary blocks.
             bs = self.block_size
             live = torch.minimum(computed, self.budgets)
@@ -158,22 +160,20 @@ class TovaPhasedBuilder:
             phases.append(self._phase_metadata(common_prefix_len, cm, fast_build, phase,
                                                policies, host_table, side_state, device,
                                                stock_inputs))
-        cow = self.tova_spec.tova_copy_on_write
         if (self._reuse_steady and decode and len(phases) == 1
                 and phases[0].accumulate is None
-                and all(r.num_computed < r.cache_size and r.num_computed >= r.prompt_len
-                        or r.schedule().steady_decode(r.num_computed, r.num_new, cow)
-                        for r in requests)):
+                and all(self._steady_row(r) for r in requests)):
             runner = step_runner.require()
             budgets = torch.tensor([r.cache_size for r in requests], dtype=torch.long)
             seq_lens = self._host_seq_lens(cm).clone()
+            evicting = seq_lens - 1 >= budgets
             row_table = host_table if plan[0].block_table is None else plan[0].block_table
             self._steady = SteadyStep(
                 states=self._row_states(runner, cm.num_reqs), seq_lens=seq_lens,
                 block_table=host_table.clone(), row_table=row_table.to(torch.long, copy=True),
-                budgets=budgets,
-                evicting=seq_lens - 1 >= budgets, side_state=side_state, phase=phases[0],
-                stock_inputs=stock_inputs, block_size=self.block_size)
+                budgets=budgets, evicting=evicting, every_row_evicts=bool(evicting.all()),
+                side_state=side_state, phase=phases[0], stock_inputs=stock_inputs,
+                block_size=self.block_size)
         return self._step_metadata(cm, phases, side_state)
 
     def _step_metadata(self, cm, phases: list[TovaPhaseMetadata],
@@ -207,6 +207,14 @@ class TovaPhasedBuilder:
         phase.attention = super().build(common_prefix_len, cm.replace(**stock), fast_build)
         self._steady = steady
         return self._step_metadata(cm, [phase], steady.side_state)
+
+    def _steady_row(self, request: RequestStep) -> bool:
+        """Whether a row may take part in a steady step: one decode token either below its
+        budget or in steady decode."""
+        schedule = request.schedule()
+        return (schedule.decode_below_budget(request.num_computed, request.num_new)
+                or schedule.steady_decode(request.num_computed, request.num_new,
+                                          self.tova_spec.tova_copy_on_write))
 
     @staticmethod
     def _row_states(runner, num_reqs: int) -> list:

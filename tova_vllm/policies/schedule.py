@@ -112,6 +112,11 @@ class EvictionSchedule:
         return (num_new == 1 and start >= self.prompt_len and start >= self.cache_size
                 and (not copy_on_write or start >= self._first_eviction))
 
+    def decode_below_budget(self, start: int, num_new: int) -> bool:
+        """Whether processing [start, start + num_new) is one decode token that still fits
+        the budget: nothing is evicted, cache position = logical position."""
+        return num_new == 1 and self.prompt_len <= start < self.cache_size
+
     def private_base(self, n: int, block_size: int) -> int:
         """Copy-on-write: the block index of cache position 0 once ``n`` tokens are
         processed and any eviction at ``n`` is done.  Before the first eviction the cache
@@ -128,8 +133,8 @@ class EvictionSchedule:
         if self.steady_decode(start, num_new, copy_on_write):  # the common case
             return (self.private_base(start, block_size) if copy_on_write else 0) + cdiv(
                 decode_positions(self.cache_size), block_size)
-        if num_new == 1 and self.prompt_len <= start < self.cache_size:
-            return cdiv(start + 1, block_size)  # decode below the budget: nothing evicted
+        if self.decode_below_budget(start, num_new):
+            return cdiv(start + 1, block_size)
         if not copy_on_write:
             return cdiv(self.peak_live(start, num_new), block_size)
         first = self.first_eviction()
