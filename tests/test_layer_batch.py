@@ -122,7 +122,7 @@ class _CountingEvictor:
     def __init__(self):
         self.calls = []
 
-    def evict_layers(self, queries, caches, ev, groups=None, sides=None):
+    def evict_layers(self, queries, caches, ev, groups=None, sides=None, scores=None):
         self.calls.append((list(queries), list(caches)))
 
 
@@ -151,16 +151,22 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
 
     monkeypatch.setenv("TOVA_VLLM_LAYER_BATCH", layer_batch)
-    calls = []
+    calls, scored = [], []  # per batched step: policy groups given / scores from attention
     original = CpuEvictor.evict_layers
-    monkeypatch.setattr(CpuEvictor, "evict_layers",
-                        lambda self, *a: calls.append(len(a) > 3) or original(self, *a))
+
+    def spy(self, queries, caches, ev, groups=None, sides=None, scores=None):
+        calls.append(groups is not None)
+        scored.append(scores is not None)
+        return original(self, queries, caches, ev, groups, sides, scores=scores)
+
+    monkeypatch.setattr(CpuEvictor, "evict_layers", spy)
     prompts = random_prompts([5, 30, 90, 17, 40, 60], seed=3)
     # Per-request budgets (rows of different widths) and policies in one batch; window
     # and sink_window decode through the batch too (H2O accumulates: layer by layer).
     extra = [{}, {"tova_cache_size": 24}, {}, {}, {"tova_policy": "window"},
              {"tova_policy": "sink_window", "tova_cache_size": 20}]
-    requests = [Req(p, 40, 0, x) for p, x in zip(prompts, extra)]
+    # The window rows finish first: the last steps hold TOVA rows only.
+    requests = [Req(p, 25 if "tova_policy" in x else 40, 0, x) for p, x in zip(prompts, extra)]
     llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
     try:
         result = run(llm, requests)
@@ -170,5 +176,8 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
         assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
                                                     {"cache_size": 32}), i
     assert (len(calls) > 0) == (layer_batch == "1")
-    # Steps with window rows went through the batch with their policy groups.
+    # Steps with window rows went through the batch with their policy groups; steps of
+    # TOVA rows only (after the window rows finished) took their scores from attention.
     assert any(calls) == (layer_batch == "1")
+    assert any(scored) == (layer_batch == "1")
+    assert not any(c and s for c, s in zip(calls, scored))

@@ -48,7 +48,7 @@ def _tiled_layout(block_size: int, head_size: int, tile: int, group: int) -> Pag
         kind = "other"
         tiles = ((block_size // tile, head_size // group, tile, group), (0, 2, 1, 3))
     return PageLayout(key=key, value=value, key_kind=kind, key_order=flat.flatten(),
-                      key_tiles=tiles)
+                      key_tiles=tiles, value_rows=True)
 
 def _place_keys(pages: torch.Tensor, layout: PageLayout, table: torch.Tensor,
                 keys: torch.Tensor) -> None:

@@ -53,6 +53,18 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
             ("a KV cache shared between layers", self.kv_sharing_target_layer_name is not None),
         )
 
+    def _attend_and_score(self, q, kv_cache, phase, out, batch) -> bool:
+        if batch.attention_inputs is None:
+            # What vLLM's kernel reads: each row's blocks up to the longest row (the
+            # runner's table is as wide as the model's context).
+            attention = phase.attention
+            rows, block_size = q.shape[0], kv_cache.shape[2]
+            blocks = -(-attention.max_seq_len // block_size)
+            batch.attention_inputs = (attention.block_table[:rows, :blocks].contiguous(),
+                                      attention.seq_lens[:rows])
+        return self._evictor.attend_and_score(q, self._evictor_cache(kv_cache),
+                                              *batch.attention_inputs, out, batch)
+
     def _make_evictor(self, layer, kv_cache) -> CpuEvictor:
         return CpuEvictor(layer.isa, self.head_size, self._tp.total_q_heads, self.scale,
                           self._all_reduce())

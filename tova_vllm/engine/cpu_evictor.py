@@ -29,6 +29,8 @@ class CpuEvictor(Evictor):
         self.head_size = head_size
         #: The layout's ``slot_elements``, made on first use.
         self._elements_of: Optional[tuple[PageLayout, torch.Tensor]] = None
+        #: Whether ``native.decode_attention`` reads this layer's pages (asked once).
+        self._attends: Optional[bool] = None
 
     def block_size(self, pages: torch.Tensor) -> int:
         return pages.shape[2] // 2
@@ -52,12 +54,29 @@ class CpuEvictor(Evictor):
                                    query[qidx], self.scale, table)
         return self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
 
+    def attend_and_score(self, query, pages, block_table, seq_lens, out, batch) -> bool:
+        if self._attends is None:
+            self._attends = native.attends(self.layout(pages), pages)
+        if not self._attends:
+            return False
+        rows, per_row = block_table.shape
+        width = per_row * self.block_size(pages)
+        scores = batch.scores_of_next_layer(
+            lambda shape: _scratch("attention_scores", shape, torch.float32),
+            (rows, pages.shape[1], width))
+        logits = _scratch("attention_logits", (rows * query.shape[1] * width,), torch.float32)
+        return native.decode_attention(pages, self.layout(pages), block_table, query,
+                                       self.scale, seq_lens, out, scores, logits)
+
     def evict_layers(self, queries, kv_caches, ev: EvictionBatch, groups=None,
-                     sides=None) -> None:
+                     sides=None, scores=None) -> None:
         pages = kv_caches[0]
         num_layers, rows = len(kv_caches), ev.block_ids.shape[0]
         # Layer l's row e is row l * E + e of one batch of L * E rows.
-        if groups is None:
+        if scores is not None:
+            width = ev.block_ids.shape[1]
+            scores = self.head_mean(scores.sum(2).view(num_layers * rows, -1))[:, :width]
+        elif groups is None:
             scores = self._layer_tova_scores(queries, kv_caches, ev.block_table, ev.live,
                                              ev.padding)
         else:

@@ -47,6 +47,9 @@ class PageLayout:
     """For an ``"other"`` layout that is tiles of tokens x dims (AMX packs K so): a K half
     page viewed with shape ``[0]`` and permuted by ``[1]`` is ``[bs // T, T, D // P, P]``
     in (token, dim) order, so reshaping it gives rows without an element-wise gather."""
+    #: V stored ``[bs, D]`` in row order after K's half (the ``vec`` ISAs): decode
+    #: attention can then read it in place (``native.decode_attention``).
+    value_rows: bool = False
 
 
 def _key_kind(key: HalfPageLayout) -> str:
@@ -146,5 +149,8 @@ def probe_page_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: 
     value = _decode_half(passes["value"], block_size, head_size, "V", isa, block_size)
     flat = key.rows * head_size + key.cols
     kind = _key_kind(key)
+    value_flat = (value.rows - block_size) * head_size + value.cols
     return PageLayout(key=key, value=value, key_kind=kind, key_order=flat.flatten(),
-                      key_tiles=_key_tiles(flat) if kind == "other" else None)
+                      key_tiles=_key_tiles(flat) if kind == "other" else None,
+                      value_rows=bool(torch.equal(value_flat.flatten(),
+                                                  torch.arange(block_size * head_size))))

@@ -70,6 +70,16 @@ class Evictor:
     def decode_moves(self, drop: torch.Tensor, live: torch.Tensor):
         raise NotImplementedError
 
+    def attend_and_score(self, query: torch.Tensor, kv_cache, block_table: torch.Tensor,
+                         seq_lens: torch.Tensor, out: torch.Tensor, batch) -> bool:
+        """Decode attention, one query per row (``query`` ``[rows, q_heads, D]``) over the
+        row's first ``seq_lens[r]`` cache positions in ``block_table`` ``[rows, blocks]``
+        (what the stock kernel would read), into ``out``, writing the softmax weights it
+        used, summed over each kv head's query heads, into
+        ``batch.scores_of_next_layer``; False (nothing written) when the platform has no
+        such kernel for this cache, and the stock kernel runs."""
+        return False
+
     def decode_evict_fused(self, scores: torch.Tensor, kv_cache, ev: EvictionBatch) -> bool:
         """Drop + move for steady decode in one go, when the platform has it."""
         return False
@@ -119,12 +129,15 @@ class Evictor:
 
     def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch,
                      groups: Optional[PolicyGroups] = None,
-                     sides: Optional[list[Optional[SlotSideState]]] = None) -> None:
+                     sides: Optional[list[Optional[SlotSideState]]] = None,
+                     scores: Optional[torch.Tensor] = None) -> None:
         """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
         ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
         whose cache is ``kv_caches[l]`` and side state ``sides[l]``; every row drops one
         token, by TOVA's score (``groups`` None) or by its group's policy (none of which
-        accumulates).  Only platforms whose builder sets ``batches_layers`` are asked."""
+        accumulates).  ``scores``: ``[L, E, kv_heads, W]`` TOVA's head-summed weights as
+        the layers' attention gave them (``attend_and_score``), instead of the queries.
+        Only platforms whose builder sets ``batches_layers`` are asked."""
         raise NotImplementedError
 
     def accumulate(self, query: torch.Tensor, kv_cache, batch: QueryBatch,

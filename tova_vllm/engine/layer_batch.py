@@ -43,11 +43,35 @@ class LayerBatch:
     #: reads it before the eviction; no row of a batched step accumulates attention, so
     #: only the positions are kept up to date).
     side_writes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    #: Every row is TOVA's, the step is decode only and each eviction row attends exactly
+    #: the positions it scores (``TovaPhaseMetadata.scored_by_attention``): a platform's
+    #: attention may then give the scores itself (``Evictor.attend_and_score``), and K is
+    #: read once per step instead of twice.
+    attention_scores: bool = False
+    #: ``[L, rows, kv_heads, W]`` fp32 for every row of the step (evicting or not), each
+    #: layer's slice filled by its attention: each kv head's sum of its query heads'
+    #: softmax weights.  None: the scores are computed here from the queries.
+    scores: Optional[torch.Tensor] = None
+    #: What the first layer's attention derived from the step's attention metadata, for
+    #: the next layers (the platform's; e.g. a block table cut to the longest row).
+    attention_inputs: Any = None
     done: bool = False
 
-    def add(self, evictor, cache, queries: torch.Tensor, side=None) -> None:
+    def scores_of_next_layer(self, make, shape: tuple) -> torch.Tensor:
+        """The slice of :attr:`scores` the next layer to :meth:`add` fills (``shape``:
+        ``(rows, kv_heads, W)``); ``make(shape)`` gives the buffer on first use."""
+        if self.scores is None:
+            self.scores = make((self.num_layers,) + tuple(shape))
+        return self.scores[len(self.caches)]
+
+    def add(self, evictor, cache, queries: Optional[torch.Tensor], side=None) -> None:
+        """Layer by layer, in order: ``queries`` are the eviction rows' last queries, or
+        None when the layer's attention filled its slice of :attr:`scores`."""
         if self.done:
             raise RuntimeError("tova-vllm: a layer attended after its step's eviction ran")
+        if (queries is None) != (self.scores is not None):
+            raise RuntimeError("tova-vllm: some layers of a step gave their scores from "
+                               "attention and others did not")
         self.evictor = self.evictor or evictor
         self.caches.append(cache)
         self.queries.append(queries)
@@ -55,8 +79,11 @@ class LayerBatch:
         if len(self.caches) == self.num_layers:
             if self.side_writes is not None:
                 write_positions(self.sides, *self.side_writes)
+            scores = self.scores
+            if scores is not None and scores.shape[1] != self.evictions.rows.numel():
+                scores = scores[:, self.evictions.rows]  # growing rows attended too
             self.evictor.evict_layers(self.queries, self.caches, self.evictions,
-                                      self.groups, self.sides)
+                                      self.groups, self.sides, scores=scores)
             self.done = True
             self.caches, self.queries, self.sides = [], [], []
 

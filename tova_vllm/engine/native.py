@@ -101,6 +101,12 @@ def library() -> Optional[ctypes.CDLL]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64]
+    fn = lib.tova_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     fn = lib.tova_decode_drop
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
@@ -178,6 +184,63 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
         raise RuntimeError(f"tova-vllm: {SOURCE.name} rejected tiling {tiling} for "
                            f"{first.dtype} pages")
     return out
+
+
+def attends(layout: PageLayout, pages: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` runs on these pages: the library is there and the
+    layout is the vec ISAs' (K transposed, V in rows), with block and head sizes that are
+    multiples of 16."""
+    _, _, two_bs, head_size = pages.shape
+    return (library() is not None and layout.key_kind == "transposed" and layout.value_rows
+            and two_bs % 32 == 0 and head_size % 16 == 0 and pages.dtype in _DTYPES
+            and pages.device.type == "cpu" and pages.is_contiguous())
+
+
+def _exact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch.Tensor,
+                     query: torch.Tensor, scale: float, live: torch.Tensor,
+                     out: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Decode attention of one query per row (``query`` ``[E, q_heads, D]``) over its
+    first ``live[e]`` cache positions (``block_table`` ``[E, per_row]``) into ``out``
+    (``[E, q_heads, D]`` or ``[E, q_heads * D]``, any float dtype), and the softmax weights
+    it used, summed over each kv head's query heads, into ``scores`` (fp32 ``[E, kv_heads,
+    per_row * bs]``, 0 past ``live``), reading K and V once.  ``logits``: fp32 scratch of
+    at least ``E * q_heads * per_row * bs`` elements.  Callers ask :func:`attends` first
+    (once per cache): this runs once per layer and step, so it checks shapes only."""
+    num_blocks, kv_heads, two_bs, head_size = pages.shape
+    block_size = two_bs // 2
+    rows, per_row = block_table.shape
+    q_heads = query.shape[1]
+    width = per_row * block_size
+    if (scores.shape != (rows, kv_heads, width) or scores.dtype != torch.float32
+            or not scores.is_contiguous() or live.shape != (rows,)
+            or logits.dtype != torch.float32 or logits.numel() < rows * q_heads * width
+            or out.shape[0] != rows or out.numel() != rows * q_heads * head_size
+            or query.shape != (rows, q_heads, head_size)):
+        raise ValueError("tova-vllm: decode_attention got mismatched shapes")
+    if rows == 0:
+        return True
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    result = out if direct else torch.empty(out.shape, dtype=torch.float32)
+    table = _exact(block_table, torch.int32)
+    q = _exact(query, torch.float32)
+    lengths = _exact(live, torch.int32)
+    status = library().tova_decode_attention(
+        pages.data_ptr(), _DTYPES[pages.dtype], kv_heads * two_bs * head_size, kv_heads,
+        block_size, head_size, table.data_ptr(), rows, per_row, q.data_ptr(),
+        q_heads // kv_heads, float(scale), lengths.data_ptr(), logits.data_ptr(),
+        result.data_ptr(), scores.data_ptr(), torch.get_num_threads(), num_blocks)
+    if status == -2:
+        raise IndexError(f"tova-vllm: block ids outside 0..{num_blocks - 1} or live lengths "
+                         f"outside 1..{width}")
+    if status != 0:
+        raise RuntimeError(f"tova-vllm: {SOURCE.name} cannot attend over these pages")
+    if not direct:
+        out.copy_(result.view(out.shape))
+    return True
 
 
 def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> bool:

@@ -9,7 +9,8 @@ through the stock code.
 
 A platform supplies: ``_tova_unsupported()`` (features that refuse a layer),
 ``_make_evictor(layer, kv_cache)``, ``_evictor_cache(kv_cache)`` (what its evictor reads),
-``_write_kv(...)`` and, optionally, ``_attend(...)`` returning the per-token log-sum-exp.
+``_write_kv(...)`` and, optionally, ``_attend(...)`` returning the per-token log-sum-exp
+and ``_attend_and_score(...)`` (decode attention that gives TOVA's scores).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class TovaImplMixin:
         super().forward(layer, q, k, v, kv_cache, phase.attention, out)
         return None
 
+    def _attend_and_score(self, q, kv_cache, phase: TovaPhaseMetadata, out, batch) -> bool:
+        """Attention of a decode phase into ``out`` that also fills the layer's slice of
+        ``batch.scores`` (``Evictor.attend_and_score``); False when the platform cannot,
+        and the stock kernel runs."""
+        return False
+
     def _all_reduce(self):
         return self._tp.all_reduce
 
@@ -70,6 +77,7 @@ class TovaImplMixin:
             side = self._side = SlotSideState.sized(
                 self._side, kv_cache.shape[0] * evictor.block_size(cache), kv_cache.device)
         num_tokens = attn_metadata.num_actual_tokens
+        batch = attn_metadata.layer_batch
         for i, phase in enumerate(attn_metadata.phases):
             if phase.token_index is None:
                 q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
@@ -80,16 +88,22 @@ class TovaImplMixin:
                 out = torch.empty_like(output[: idx.numel()])
             if i > 0:  # vLLM's own cache update already wrote the first phase
                 self._write_kv(layer, k, v, kv_cache, phase.slots)
-            if side is not None and attn_metadata.layer_batch is None:
+            if side is not None and batch is None:
                 side.write(phase.slots, phase.positions)  # (the layer batch writes all)
-            lse = self._attend(layer, q, k, v, kv_cache, phase, out)
+            # The first layer that cannot give its scores from attention turns it off for
+            # the step (all layers share shapes, so it is the first or none).
+            scored = (batch is not None and batch.attention_scores
+                      and self._attend_and_score(q, kv_cache, phase, out, batch))
+            if batch is not None and batch.scores is None:
+                batch.attention_scores = False
+            lse = None if scored else self._attend(layer, q, k, v, kv_cache, phase, out)
             if phase.token_index is not None:
                 output[phase.token_index] = out
             if phase.accumulate is not None:
                 evictor.accumulate(query, cache, phase.accumulate, side)
-            if phase.evictions is not None and attn_metadata.layer_batch is not None:
-                attn_metadata.layer_batch.add(evictor, cache,
-                                              query[phase.evictions.query_index], side)
+            if phase.evictions is not None and batch is not None:
+                batch.add(evictor, cache,
+                          None if scored else query[phase.evictions.query_index], side)
             elif phase.evictions is not None:
                 row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
                 evictor.evict(query, cache, phase.evictions, row_lse, phase.eviction_groups,

@@ -41,6 +41,10 @@ class TovaPhaseMetadata:
     #: Index of each eviction row's last query among the phase's tokens (for the
     #: attention kernel's per-token log-sum-exp).
     eviction_queries: Optional[torch.Tensor] = None
+    #: Decode only (one token per row, all rows), and each eviction row attends exactly
+    #: the cache positions it scores: the attention's own softmax weights are then TOVA's
+    #: scores (``Evictor.attend_and_score``).
+    scored_by_attention: bool = False
 
 
 @dataclass
@@ -132,6 +136,7 @@ class TovaPhasedBuilder:
         self._last_layer_batch: Optional[LayerBatch] = None
         self._steady: Optional[SteadyStep] = None
         self._reuse_steady = os.environ.get("TOVA_VLLM_REUSE_STEADY", "1") != "0"
+        self._attention_scores = os.environ.get("TOVA_VLLM_ATTENTION_SCORES", "1") != "0"
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -186,7 +191,9 @@ class TovaPhasedBuilder:
                 and not any(policy.needs_accumulated for policy, _ in groups or ())):
             layer_batch = self._last_layer_batch = LayerBatch(
                 last.evictions, self.num_layers, groups=groups,
-                side_writes=(last.slots, last.positions) if side_state else None)
+                side_writes=(last.slots, last.positions) if side_state else None,
+                attention_scores=(self._attention_scores and groups is None
+                                  and last.scored_by_attention))
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 
@@ -322,10 +329,15 @@ class TovaPhasedBuilder:
         accumulating = [j for j, r in enumerate(phase.rows) if policies[r].needs_accumulated]
         accumulate = (query_batch(phase, accumulating, host_table, self.block_size).to(device)
                       if accumulating else None)
+        scored = (ev is not None and phase.token_index is None and not accumulating
+                  and phase.slots.numel() == len(phase.rows)
+                  and torch.equal(ev.query_index, ev.rows)
+                  and torch.equal(ev.live.to(torch.long),
+                                  phase.cache_lens.to(torch.long)[ev.rows]))
         return TovaPhaseMetadata(
             attention=attention, token_index=on_device(phase.token_index), slots=slots,
             positions=on_device(phase.positions),
             evictions=None if ev is None else ev.prepared(self.block_size, device),
             eviction_groups=ev_groups, accumulate=accumulate,
-            eviction_queries=eviction_queries,
+            eviction_queries=eviction_queries, scored_by_attention=scored,
         )

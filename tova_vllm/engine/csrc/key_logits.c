@@ -137,42 +137,217 @@ static inline __attribute__((always_inline)) v16f load_f16(const _Float16 *p) {
                 }                                                                           \
         }                                                                                   \
     }                                                                                       \
+    /* Logits of block table entry b of work item ``item`` into ``out`` + b * bs. */       \
+    static inline void NAME##_block(const job_t *j, int64_t item, int b, const float *q,  \
+                                    float *out, int64_t W) {                              \
+        const int D = j->D, G = j->group, bs = j->bs;                                       \
+        const ELEM *k = (const ELEM *)key_page(j, item, b, sizeof(ELEM));                   \
+        const ELEM *next = b + 1 < j->per_row                                               \
+            ? (const ELEM *)key_page(j, item, b + 1, sizeof(ELEM)) : k;                     \
+        float *o = out + b * bs;                                                            \
+        int g = 0;                                                                          \
+        if (bs % 32 == 0) {                                                                 \
+            for (; g + 8 <= G; g += 8)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 2);      \
+            for (; g + 4 <= G; g += 4)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 2);      \
+            for (; g + 2 <= G; g += 2)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 2, 2);      \
+            for (; g < G; ++g)                                                              \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 1, 2);      \
+        } else {                                                                            \
+            for (; g + 8 <= G; g += 8)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 1);      \
+            for (; g + 4 <= G; g += 4)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 1);      \
+            for (; g < G; ++g)                                                              \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 1, 1);      \
+        }                                                                                   \
+    }                                                                                       \
     static void NAME(const job_t *j) {                                                      \
         const int64_t W = (int64_t)j->per_row * j->bs;                                      \
-        const int D = j->D, G = j->group, bs = j->bs;                                       \
-        for (int64_t item = j->first; item < j->last; ++item) {                             \
-            const float *q = j->q + item * G * D;                                           \
-            float *out = j->out + item * G * W;                                             \
-            for (int b = 0; b < j->per_row; ++b) {                                          \
-                const ELEM *k = (const ELEM *)key_page(j, item, b, sizeof(ELEM));           \
-                const ELEM *next = b + 1 < j->per_row                                       \
-                    ? (const ELEM *)key_page(j, item, b + 1, sizeof(ELEM)) : k;             \
-                float *o = out + b * bs;                                                    \
-                int g = 0;                                                                  \
-                if (bs % 32 == 0) {                                                         \
-                    for (; g + 8 <= G; g += 8)                                              \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 2); \
-                    for (; g + 4 <= G; g += 4)                                              \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 2); \
-                    for (; g + 2 <= G; g += 2)                                              \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 2, 2); \
-                    for (; g < G; ++g)                                                      \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 1, 2); \
-                } else {                                                                    \
-                    for (; g + 8 <= G; g += 8)                                              \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 1); \
-                    for (; g + 4 <= G; g += 4)                                              \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 1); \
-                    for (; g < G; ++g)                                                      \
-                        NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 1, 1); \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
+        for (int64_t item = j->first; item < j->last; ++item)                               \
+            for (int b = 0; b < j->per_row; ++b)                                            \
+                NAME##_block(j, item, b, j->q + item * j->group * j->D,                     \
+                             j->out + item * j->group * W, W);                              \
     }
 
 TRANSPOSED(fast_f32, float, load_f32)
 TRANSPOSED(fast_bf16, uint16_t, load_bf16)
 TRANSPOSED(fast_f16, _Float16, load_f16)
+
+/* ---- Decode attention that also gives TOVA's scores (one pass over K and V) ----
+ *
+ * For a decode step whose every query is the last one of an evicting row, the softmax
+ * weights that attention computes are the scores eviction needs; computing them again
+ * would read K a second time.  So such a step's attention is done here: logits (the
+ * kernel above), softmax, the weighted sum of V, and each kv head's sum of its query
+ * heads' weights, all from one read of the row's K and V.  Only the transposed-K,
+ * row-V layout of vLLM's vec ISAs (and a head size that is a multiple of 16) is handled;
+ * the caller runs the stock kernel otherwise. */
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) v16f vmax(v16f a, v16f b) {
+    const v16i take_a = a > b;
+    return (v16f)((take_a & (v16i)a) | (~take_a & (v16i)b));
+}
+
+/* e^x for x <= 0 (softmax after subtracting the maximum): Cephes' expf (range reduction
+ * by ln 2, degree-6 polynomial; ~1 ulp), 0 below the smallest normal's logarithm. */
+static inline __attribute__((always_inline)) v16f vexp(v16f x) {
+    const v16i tiny = x < -87.33654f;
+    x = vmax(x, (v16f){} - 87.33654f);
+    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i);
+    const v16f nf = __builtin_convertvector(n, v16f);
+    const v16f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v16f y = (v16f){} + 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const v16i two_n = (n + 127) << 23;
+    return (v16f)(~tiny & (v16i)(y * (v16f)two_n));
+}
+
+static inline float hmax(v16f v) {
+    float m = v[0];
+    for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline float hsum(v16f v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += v[i];
+    return s;
+}
+
+/* Softmax of logits[0 .. live) in place (weights not yet divided by their sum); returns
+ * 1 / sum.  Positions live .. W (rounded up to 16) are left as they are. */
+static float softmax_unnormalized(float *logits, int64_t live) {
+    const int64_t whole = live / 16 * 16;
+    v16f m16 = (v16f){} - __builtin_inff();
+    for (int64_t t = 0; t < whole; t += 16) m16 = vmax(m16, load_f32(logits + t));
+    float m = hmax(m16);
+    for (int64_t t = whole; t < live; ++t) m = logits[t] > m ? logits[t] : m;
+    v16f s16 = {};
+    for (int64_t t = 0; t < whole; t += 16) {
+        const v16f e = vexp(load_f32(logits + t) - m);
+        memcpy(logits + t, &e, sizeof e);
+        s16 += e;
+    }
+    float s = hsum(s16);
+    if (whole < live) {  /* the tail, through one padded vector */
+        float tail[16];
+        for (int i = 0; i < 16; ++i) tail[i] = whole + i < live ? logits[whole + i] - m : -__builtin_inff();
+        const v16f e = vexp(load_f32(tail));
+        for (int64_t t = whole; t < live; ++t) { logits[t] = e[t - whole]; s += e[t - whole]; }
+    }
+    return 1.f / s;
+}
+
+#define FUSED(NAME, ELEM, LOADV, LOGITS)                                                    \
+    /* out[n][dc .. dc + 16 * V) = sum over t < live of p[n][t] V[t] for N heads. */       \
+    static inline __attribute__((always_inline)) void NAME##_values(                        \
+        const job_t *j, int64_t item, int64_t live, const float *p, int64_t W,             \
+        const float *inv, float *out, int dc, const int N, const int V) {                   \
+        const int D = j->D, bs = j->bs;                                                     \
+        v16f acc[4][4] = {{{0}}};                                                           \
+        for (int b = 0; (int64_t)b * bs < live; ++b) {                                      \
+            const ELEM *vals = (const ELEM *)key_page(j, item, b, sizeof(ELEM))             \
+                               + (int64_t)bs * D + dc;                                      \
+            const int64_t base = (int64_t)b * bs;                                           \
+            const int tokens = live - base < bs ? (int)(live - base) : bs;                 \
+            for (int t = 0; t < tokens; ++t) {                                              \
+                for (int v = 0; v < V; ++v) {                                               \
+                    const v16f x = LOADV(vals + (int64_t)t * D + 16 * v);                   \
+                    for (int n = 0; n < N; ++n) acc[n][v] += p[n * W + base + t] * x;       \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        for (int n = 0; n < N; ++n)                                                         \
+            for (int v = 0; v < V; ++v) {                                                   \
+                const v16f r = acc[n][v] * inv[n];                                          \
+                memcpy(out + (int64_t)n * D + dc + 16 * v, &r, sizeof r);                   \
+            }                                                                               \
+    }                                                                                       \
+    static void NAME(const job_t *j, float *attn, float *scores) {                          \
+        const int64_t W = (int64_t)j->per_row * j->bs;                                      \
+        const int D = j->D, G = j->group;                                                   \
+        float inv[64];                                                                      \
+        for (int64_t item = j->first; item < j->last; ++item) {                             \
+            const int64_t live = j->live[item / j->kv_heads];                               \
+            const float *q = j->q + item * G * D;                                           \
+            float *p = j->out + item * G * W;                                               \
+            for (int b = 0; (int64_t)b * j->bs < live; ++b) LOGITS##_block(j, item, b, q, p, W); \
+            for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(p + g * W, live);    \
+            float *sc = scores + item * W;                                                  \
+            for (int64_t t = 0; t < W; ++t) sc[t] = 0.f;                                    \
+            for (int g = 0; g < G; ++g)                                                     \
+                for (int64_t t = 0; t < live; ++t) sc[t] += p[g * W + t] * inv[g];          \
+            float *o = attn + item * G * D;                                                 \
+            for (int g = 0; g < G;) {                                                       \
+                const int N = G - g >= 4 ? 4 : G - g >= 2 ? 2 : 1;                          \
+                for (int dc = 0; dc < D;) {                                                 \
+                    const int V = D - dc >= 64 ? 4 : 1;                                     \
+                    if (N == 4 && V == 4)                                                   \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 4, 4); \
+                    else if (N == 4)                                                        \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 4, 1); \
+                    else if (N == 2 && V == 4)                                              \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 2, 4); \
+                    else if (N == 2)                                                        \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 2, 1); \
+                    else if (V == 4)                                                        \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 1, 4); \
+                    else                                                                    \
+                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 1, 1); \
+                    dc += 16 * V;                                                           \
+                }                                                                           \
+                g += N;                                                                     \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+FUSED(attend_f32, float, load_f32, fast_f32)
+FUSED(attend_bf16, uint16_t, load_bf16, fast_bf16)
+FUSED(attend_f16, _Float16, load_f16, fast_f16)
+
+/* Decode attention of one layer, one query per row, over the row's first live[e] cache
+ * positions (block table [rows, per_row]; K transposed, V rows, bs and D multiples of
+ * 16): ``attn`` [rows, kv_heads, group, D] float32, ``scores`` [rows, kv_heads, W] each
+ * kv head's sum over its query heads of the softmax weights (0 past live), ``logits``
+ * [rows, kv_heads, group, W] scratch.  Returns 0; -1 for an unsupported shape or dtype,
+ * -2 for a block id outside the pages or a live length outside 1 .. W. */
+int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int kv_heads,
+                          int bs, int D, const int32_t *table, int rows, int per_row,
+                          const float *q, int group, float scale, const int32_t *live,
+                          float *logits, float *attn, float *scores, int threads,
+                          int num_blocks) {
+    if (dtype < F32 || dtype > F16 || bs % 16 || D % 16 || group > 64) return -1;
+    for (int64_t i = 0; i < (int64_t)rows * per_row; ++i)
+        if (table[i] < 0 || table[i] >= num_blocks) return -2;
+    for (int e = 0; e < rows; ++e)
+        if (live[e] < 1 || live[e] > (int64_t)per_row * bs) return -2;
+    const char *layer[1] = {(const char *)pages};
+    const job_t base = {layer, dtype, rows, block_elems, kv_heads, bs, D, bs, 1, group,
+                        per_row, table, q, live, scale, logits, 0, 0};
+    const int64_t items = (int64_t)rows * kv_heads;
+    const int64_t work = items * group * per_row * bs * D;
+    if (threads < 1 || work < (1 << 20)) threads = 1;
+    if (threads > items) threads = (int)items;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int i = 0; i < threads; ++i) {
+        job_t job = base;
+        job.first = items * i / threads;
+        job.last = items * (i + 1) / threads;
+        if (dtype == F32) attend_f32(&job, attn, scores);
+        else if (dtype == BF16) attend_bf16(&job, attn, scores);
+        else attend_f16(&job, attn, scores);
+    }
+    return 0;
+}
 
 #define AS_FLOAT(x) ((float)(x))
 #define AS_BF16(x) from_bf16(x)

@@ -1,0 +1,273 @@
+"""Decode attention that gives TOVA's scores (``native.decode_attention``) against vLLM's
+own CPU attention kernel and a float64 torch reference, over a grid of batch shapes.
+
+K/V are written by vLLM's own cache-write op into its ``vec``/``vec16`` pages, so the
+layout is the one the engine reads.  Rows are ragged (live lengths 1, a block's worth,
+a block plus one, ...), blocks shuffled; the query-head groups take every register
+blocking path (1, 2, 3, 4, 7, 8 heads per kv head); head sizes 32 to 128.
+Then: the scores drive ``CpuEvictor.evict_layers`` to the same drops and moves as the
+scores it computes from the queries; bad block ids and live lengths raise; a layout the
+kernel does not read is refused (the stock kernel runs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from tova_vllm.engine import native
+from tova_vllm.engine.cpu_evictor import CpuEvictor
+from tova_vllm.engine.cpu_layout import probe_page_layout
+from tova_vllm.engine.layer_batch import LayerBatch
+from tova_vllm.engine.plan import EvictionBatch
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _case(dtype, block_size, head_size, q_heads, kv_heads, live, seed=0):
+    """Pages written by vLLM's op, a shuffled block table, queries; and the float64 K, V
+    ``[E, W, kv_heads, D]`` the pages hold."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(live)
+    per_row = -(-max(live) // block_size)
+    width = per_row * block_size
+    num_blocks = rows * per_row + 3
+    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
+    layout = probe_page_layout(isa, dtype, block_size, head_size)
+    cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
+    pages = cache.view(num_blocks, kv_heads, 2 * block_size, head_size)
+    key_cache, value_cache = pages.chunk(2, dim=2)
+    table = (torch.randperm(num_blocks - 1, generator=gen)[: rows * per_row] + 1
+             ).view(rows, per_row).to(torch.int32)
+    keys = torch.randn(rows, width, kv_heads, head_size, generator=gen).to(dtype)
+    values = torch.randn(rows, width, kv_heads, head_size, generator=gen).to(dtype)
+    slots = (table.long().repeat_interleave(block_size, 1) * block_size
+             + torch.arange(width) % block_size)
+    ops.cpu_attn_reshape_and_cache(keys.reshape(-1, kv_heads, head_size),
+                                   values.reshape(-1, kv_heads, head_size), key_cache,
+                                   value_cache, slots.reshape(-1), isa, k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
+    query = torch.randn(rows, q_heads, head_size, generator=gen).to(dtype)
+    return isa, layout, pages, table, query, keys.double(), values.double()
+
+
+def _reference(query, keys, values, live, scale):
+    """float64 attention output ``[E, q_heads, D]`` and per-kv-head summed weights."""
+    rows, width, kv_heads, head_size = keys.shape
+    group = query.shape[1] // kv_heads
+    q = query.double().view(rows, kv_heads, group, head_size)
+    logits = torch.einsum("ehgd,ewhd->ehgw", q, keys) * scale
+    past = torch.arange(width).view(1, -1) >= torch.tensor(live).view(-1, 1)
+    probs = torch.softmax(logits.masked_fill(past[:, None, None, :], float("-inf")), -1)
+    out = torch.einsum("ehgw,ewhd->ehgd", probs, values).reshape(rows, -1, head_size)
+    return out, probs.sum(2)
+
+
+def _vllm_attention(isa, pages, table, query, live, scale):
+    rows, q_heads, head_size = query.shape
+    kv_heads = pages.shape[1]
+    key_cache, value_cache = pages.chunk(2, dim=2)
+    seq_lens = torch.tensor(live, dtype=torch.int32)
+    starts = torch.arange(rows + 1, dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=rows, num_heads=q_heads, num_kv_heads=kv_heads, head_dim=head_size,
+        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=False, kv_cache_dtype="auto")
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=starts, seq_lens=seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
+        scheduler_metadata=metadata, s_aux=None, k_scale=1.0, v_scale=1.0,
+        kv_cache_dtype="auto")
+    return out
+
+
+def _fused(layout, pages, table, query, live, scale):
+    rows, per_row = table.shape
+    width = per_row * (pages.shape[2] // 2)
+    out = torch.empty_like(query)
+    scores = torch.full((rows, pages.shape[1], width), float("nan"))
+    logits = torch.empty(rows * query.shape[1] * width)
+    assert native.decode_attention(pages, layout, table, query, scale,
+                                   torch.tensor(live), out, scores, logits)
+    return out, scores
+
+
+GRID = [
+    # dtype, block size, head size, q heads, kv heads, live per row
+    (torch.float32, 32, 128, 32, 8, [513, 480, 33, 1]),
+    (torch.float32, 16, 64, 9, 3, [64, 16, 17, 5, 40]),
+    (torch.float32, 32, 32, 8, 8, [90, 32]),
+    (torch.float32, 16, 48, 14, 2, [20, 31]),
+    (torch.float32, 32, 64, 8, 1, [70]),
+    (torch.bfloat16, 32, 128, 32, 8, [257, 100, 2]),
+    (torch.bfloat16, 16, 64, 9, 3, [64, 1, 48]),
+    (torch.float16, 32, 64, 4, 2, [65, 9]),
+]
+
+
+@pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads,live", GRID)
+def test_output_and_scores_equal_the_references(dtype, block_size, head_size, q_heads,
+                                                kv_heads, live):
+    assert native.library() is not None
+    isa, layout, pages, table, query, keys, values = _case(
+        dtype, block_size, head_size, q_heads, kv_heads, live)
+    if not native.attends(layout, pages):
+        pytest.fail(f"isa {isa} ({dtype}) is not read by the fused kernel")
+    scale = head_size ** -0.5
+    out, scores = _fused(layout, pages, table, query, live, scale)
+    ref_out, ref_scores = _reference(query, keys, values, live, scale)
+    width = scores.shape[-1]
+    past = torch.arange(width).view(1, 1, -1) >= torch.tensor(live).view(-1, 1, 1)
+    assert bool((scores[past.expand_as(scores)] == 0).all())
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=2e-5, atol=1e-7)
+    # The output in the query's dtype: as close to the float64 result as vLLM's kernel.
+    stock = _vllm_attention(isa, pages, table, query, live, scale)
+    ours_err = (out.double() - ref_out).abs().max().item()
+    stock_err = (stock.double() - ref_out).abs().max().item()
+    tolerance = 2e-6 if dtype == torch.float32 else 4e-3
+    assert ours_err <= max(tolerance, 1.5 * stock_err), (ours_err, stock_err)
+
+
+def test_threads_split_rows_without_changing_bits():
+    _, layout, pages, table, query, _, _ = _case(torch.float32, 32, 128, 32, 8,
+                                                 [513, 300, 257, 64])
+    one = _fused(layout, pages, table, query, [513, 300, 257, 64], 0.1)
+    torch.set_num_threads(2)
+    try:
+        two = _fused(layout, pages, table, query, [513, 300, 257, 64], 0.1)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_bad_block_ids_and_live_lengths_raise():
+    _, layout, pages, table, query, _, _ = _case(torch.float32, 16, 64, 8, 2, [20, 31])
+    bad = table.clone()
+    bad[1, 0] = pages.shape[0]
+    with pytest.raises(IndexError):
+        _fused(layout, pages, bad, query, [20, 31], 0.1)
+    for live in ([0, 31], [20, 33]):
+        with pytest.raises(IndexError):
+            _fused(layout, pages, table, query, live, 0.1)
+    with pytest.raises(ValueError):
+        native.decode_attention(pages, layout, table, query, 0.1, torch.tensor([20, 31]),
+                                torch.empty_like(query), torch.empty(2, 2, 16),
+                                torch.empty(2 * 8 * 32))
+
+
+def test_layout_it_does_not_read_is_refused():
+    from test_native import _tiled_layout
+
+    pages = torch.zeros(4, 2, 32, 64)
+    for tile, group in ((1, 64), (16, 2)):  # rows, AMX-like tiles
+        assert not native.attends(_tiled_layout(16, 64, tile, group), pages)
+    assert native.attends(_tiled_layout(16, 64, 16, 1), pages)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_scores_evict_as_the_computed_scores(dtype):
+    """One steady-decode step of 3 layers through the layer batch, rows 0, 1 and 3 evicting
+    and row 2 still growing (it attends but does not evict): scores given by the
+    attention and scores computed from the queries drop and move the same tokens, and the
+    attention output is vLLM's."""
+    live, block_size, layers = [33, 33, 9, 17], 16, 3
+    cases = [_case(dtype, block_size, 64, 8, 2, live, seed=layer) for layer in range(layers)]
+    isa, table = cases[0][0], cases[0][3]
+    evicting = torch.tensor([0, 1, 3])
+    ev_live = torch.tensor(live)[evicting]
+    width = int(ev_live.max())
+    positions = torch.arange(width)
+    ev = EvictionBatch(
+        rows=evicting, query_index=evicting, query_position=ev_live + 50,
+        block_ids=table.long()[evicting][:, positions // block_size],
+        block_offsets=(positions % block_size).expand(len(evicting), width),
+        live=ev_live, keep=ev_live - 1, keep_list=(ev_live - 1).tolist(),
+        live_list=ev_live.tolist(), one_drop_each=True,
+    ).prepared(block_size, torch.device("cpu"))
+    evictor = CpuEvictor(isa, 64, 8, 0.125)
+    seq_lens = torch.tensor(live, dtype=torch.int32)
+    after = {}
+    for given in (True, False):
+        # Every layer's pages hold their rows at the first case's block ids (one block
+        # table per step, as in the engine).
+        pages = [case[2].clone() if layer == 0 else _retabled(case[2], case[3], table)
+                 for layer, case in enumerate(cases)]
+        batch = LayerBatch(ev, layers, attention_scores=given)
+        for layer in range(layers):
+            query = cases[layer][4]
+            if given:
+                out = torch.empty_like(query)
+                stock = _vllm_attention(isa, pages[layer], table, query, live, 0.125)
+                assert evictor.attend_and_score(query, pages[layer], table, seq_lens, out,
+                                                batch)
+                tolerance = 2e-6 if dtype == torch.float32 else 1.6e-2
+                torch.testing.assert_close(out, stock, rtol=tolerance, atol=tolerance)
+            batch.add(evictor, pages[layer], None if given else query[evicting])
+        assert batch.done and (batch.scores is not None) == given
+        after[given] = pages
+    for a, b, case in zip(after[True], after[False], cases):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, _retabled(case[2], case[3], table))  # something moved
+
+
+def _retabled(pages, own_table, table):
+    """``pages`` with each row's blocks moved from ``own_table``'s ids to ``table``'s."""
+    moved = pages.clone()
+    moved[table.long().flatten()] = pages[own_table.long().flatten()]
+    return moved
+
+
+@pytest.mark.parametrize("prefix_caching", (True, False))
+def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models,
+                                                          monkeypatch, prefix_caching):
+    """The engine with scores from attention (default) and with scores computed from the
+    queries (``TOVA_VLLM_ATTENTION_SCORES=0``) makes the same drops, step after step, and
+    the reference's tokens; the first did take them from attention, also in steps where
+    some rows were still growing."""
+    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+
+    prompts = random_prompts([5, 40, 90, 17, 33, 60], seed=5)
+    extra = [{"tova_cache_size": 20}, {}, {}, {"tova_cache_size": 12}, {}, {}]
+    arrivals = [0, 0, 3, 10, 10, 25]
+    requests = [Req(p, 40, a, x) for p, a, x in zip(prompts, arrivals, extra)]
+    tova = {"cache_size": 32}
+    drops, batches = {}, {}
+    original_drops = native.decode_drops
+    original_add = LayerBatch.add
+    for setting in ("1", "0"):
+        monkeypatch.setenv("TOVA_VLLM_ATTENTION_SCORES", setting)
+        seen, kinds = [], []
+
+        def spy_drops(scores, live, slots, seen=seen):
+            moves = original_drops(scores, live, slots)
+            seen.append(tuple(m.clone() for m in moves))
+            return moves
+
+        def spy_add(self, evictor, cache, queries, side=None, kinds=kinds):
+            if len(self.caches) == self.num_layers - 1:
+                kinds.append((self.scores is not None,
+                              None if self.scores is None else
+                              self.scores.shape[1] > self.evictions.rows.numel()))
+            return original_add(self, evictor, cache, queries, side)
+
+        monkeypatch.setattr(native, "decode_drops", spy_drops)
+        monkeypatch.setattr(LayerBatch, "add", spy_add)
+        llm = make_llm(tiny_models["llama_gqa"], tova, enable_prefix_caching=prefix_caching)
+        try:
+            result = run(llm, requests)
+        finally:
+            shutdown(llm)
+        for i, request in enumerate(requests):
+            assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
+                                                        tova), (setting, i)
+        drops[setting], batches[setting] = seen, kinds
+    assert len(drops["1"]) == len(drops["0"]) > 30
+    for a, b in zip(drops["1"], drops["0"]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not any(given for given, _ in batches["0"])
+    given = [growing for g, growing in batches["1"] if g]
+    assert len(given) > 20 and True in given and False in given
