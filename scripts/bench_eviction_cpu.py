@@ -101,13 +101,13 @@ def main() -> None:
         # What a steady step does in the engine: attention gives the scores (one pass
         # over K and V), then the drop and the move.
         batch = LayerBatch(ev, 1, attention_scores=True)
-        if not evictor.attend_and_score(query, pages, ev, out, batch):
+        if not evictor.attend_and_score(query, pages, block_table, seq_lens, out, batch):
             raise SystemExit("this layout has no fused decode attention")
         batch.add(evictor, pages, None)
 
     def attend_only():
         batch = LayerBatch(ev, 1, attention_scores=True)
-        evictor.attend_and_score(query, pages, ev, out, batch)
+        evictor.attend_and_score(query, pages, block_table, seq_lens, out, batch)
 
     def timed(fn):
         fn()
