@@ -88,52 +88,66 @@ static inline __attribute__((always_inline)) const char *key_page(const job_t *j
     }
 
 /* The transposed layout (P = 1, T = bs) with bs a multiple of 16, the common case (vLLM's
- * vec and vec16 ISAs): 16 tokens' logits of N query heads stay in registers over all D
+ * vec and vec16 ISAs): VL tokens' logits of N query heads stay in registers over all D
  * dims, so each K vector is loaded once and feeds N fused multiply-adds. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef _Float16 v16e __attribute__((vector_size(32)));
+/* One vector of VL floats: the machine's register width.  ACCUMULATORS is how many of
+ * them a kernel keeps summing side by side: half the register file (AVX-512: 32 registers
+ * of 16 floats; AVX2 and others: 16 of 8), the rest holding loads and broadcasts.  Generic
+ * vectors wider than the hardware's, or more accumulators than registers, spill to the
+ * stack on every step (AVX-512 blocking on a Zen 3 ran 4x slower than torch).  Neither
+ * changes the order of a logit's or an output's sum. */
+#if defined(__AVX512F__)
+#define VL 16
+#define ACCUMULATORS 16
+#else
+#define VL 8
+#define ACCUMULATORS 8
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef _Float16 ve __attribute__((vector_size(VL * 2)));
 
-static inline __attribute__((always_inline)) v16f load_f32(const float *p) {
-    v16f v;
+static inline __attribute__((always_inline)) vf load_f32(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-static inline __attribute__((always_inline)) v16f load_bf16(const uint16_t *p) {
-    v16h h;
+static inline __attribute__((always_inline)) vf load_bf16(const uint16_t *p) {
+    vh h;
     memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
-static inline __attribute__((always_inline)) v16f load_f16(const _Float16 *p) {
-    v16e h;
+static inline __attribute__((always_inline)) vf load_f16(const _Float16 *p) {
+    ve h;
     memcpy(&h, p, sizeof h);
-    return __builtin_convertvector(h, v16f);
+    return __builtin_convertvector(h, vf);
 }
 
 #define TRANSPOSED(NAME, ELEM, LOADV)                                                       \
-    /* Tokens c .. c + 16 * V of N heads; ``next`` is prefetched along (the next block's K \
+    /* Tokens c .. c + VL * V of N heads; ``next`` is prefetched along (the next block's K \
      * at the same offsets: blocks are scattered, so the hardware cannot guess it). */     \
     static inline __attribute__((always_inline)) void NAME##_heads(                         \
         const ELEM *k, const ELEM *next, int bs, int D, const float *q, float *out,         \
         int64_t W, float scale, const int N, const int V) {                                 \
-        for (int c = 0; c < bs; c += 16 * V) {                                              \
-            v16f acc[2][8] = {{{0}}};                                                       \
+        for (int c = 0; c < bs; c += VL * V) {                                              \
+            vf acc[2][8] = {{{0}}};                                                       \
             for (int d = 0; d < D; ++d) {                                                   \
                 const ELEM *row = k + (int64_t)d * bs + c;                                  \
                 __builtin_prefetch(next + (int64_t)d * bs + c);                             \
                 for (int v = 0; v < V; ++v) {                                               \
-                    const v16f kv = LOADV(row + 16 * v);                                    \
+                    const vf kv = LOADV(row + VL * v);                                    \
                     for (int n = 0; n < N; ++n) acc[v][n] += q[n * D + d] * kv;             \
                 }                                                                           \
             }                                                                               \
             for (int v = 0; v < V; ++v)                                                     \
                 for (int n = 0; n < N; ++n) {                                               \
-                    const v16f r = acc[v][n] * scale;                                       \
-                    memcpy(out + n * W + c + 16 * v, &r, sizeof r);                         \
+                    const vf r = acc[v][n] * scale;                                       \
+                    memcpy(out + n * W + c + VL * v, &r, sizeof r);                         \
                 }                                                                           \
         }                                                                                   \
     }                                                                                       \
@@ -146,8 +160,8 @@ static inline __attribute__((always_inline)) v16f load_f16(const _Float16 *p) {
             ? (const ELEM *)key_page(j, item, b + 1, sizeof(ELEM)) : k;                     \
         float *o = out + b * bs;                                                            \
         int g = 0;                                                                          \
-        if (bs % 32 == 0) {                                                                 \
-            for (; g + 8 <= G; g += 8)                                                      \
+        if (bs % (2 * VL) == 0) {                                                           \
+            for (; ACCUMULATORS >= 16 && g + 8 <= G; g += 8)                                \
                 NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 2);      \
             for (; g + 4 <= G; g += 4)                                                      \
                 NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 2);      \
@@ -160,6 +174,8 @@ static inline __attribute__((always_inline)) v16f load_f16(const _Float16 *p) {
                 NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 8, 1);      \
             for (; g + 4 <= G; g += 4)                                                      \
                 NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 4, 1);      \
+            for (; g + 2 <= G; g += 2)                                                      \
+                NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 2, 1);      \
             for (; g < G; ++g)                                                              \
                 NAME##_heads(k, next, bs, D, q + g * D, o + g * W, W, j->scale, 1, 1);      \
         }                                                                                   \
@@ -185,75 +201,73 @@ TRANSPOSED(fast_f16, _Float16, load_f16)
  * heads' weights, all from one read of the row's K and V.  Only the transposed-K,
  * row-V layout of vLLM's vec ISAs (and a head size that is a multiple of 16) is handled;
  * the caller runs the stock kernel otherwise. */
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) v16f vmax(v16f a, v16f b) {
-    const v16i take_a = a > b;
-    return (v16f)((take_a & (v16i)a) | (~take_a & (v16i)b));
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) {
+    const vi take_a = a > b;
+    return (vf)((take_a & (vi)a) | (~take_a & (vi)b));
 }
 
 /* e^x for x <= 0 (softmax after subtracting the maximum): Cephes' expf (range reduction
  * by ln 2, degree-6 polynomial; ~1 ulp), 0 below the smallest normal's logarithm. */
-static inline __attribute__((always_inline)) v16f vexp(v16f x) {
-    const v16i tiny = x < -87.33654f;
-    x = vmax(x, (v16f){} - 87.33654f);
-    const v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i);
-    const v16f nf = __builtin_convertvector(n, v16f);
-    const v16f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16f y = (v16f){} + 1.9875691500e-4f;
+static inline __attribute__((always_inline)) vf vexp(vf x) {
+    const vi tiny = x < -87.33654f;
+    x = vmax(x, (vf){} - 87.33654f);
+    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf y = (vf){} + 1.9875691500e-4f;
     y = y * r + 1.3981999507e-3f;
     y = y * r + 8.3334519073e-3f;
     y = y * r + 4.1665795894e-2f;
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
-    const v16i two_n = (n + 127) << 23;
-    return (v16f)(~tiny & (v16i)(y * (v16f)two_n));
+    const vi two_n = (n + 127) << 23;
+    return (vf)(~tiny & (vi)(y * (vf)two_n));
 }
 
-static inline float hmax(v16f v) {
+static inline float hmax(vf v) {
     float m = v[0];
-    for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+    for (int i = 1; i < VL; ++i) m = v[i] > m ? v[i] : m;
     return m;
 }
 
-static inline float hsum(v16f v) {
+static inline float hsum(vf v) {
     float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += v[i];
+    for (int i = 0; i < VL; ++i) s += v[i];
     return s;
 }
 
 /* Softmax of logits[0 .. live) in place (weights not yet divided by their sum); returns
- * 1 / sum.  Positions live .. W (rounded up to 16) are left as they are. */
+ * 1 / sum.  Positions live .. W (rounded up to VL) are left as they are. */
 static float softmax_unnormalized(float *logits, int64_t live) {
-    const int64_t whole = live / 16 * 16;
-    v16f m16 = (v16f){} - __builtin_inff();
-    for (int64_t t = 0; t < whole; t += 16) m16 = vmax(m16, load_f32(logits + t));
-    float m = hmax(m16);
+    const int64_t whole = live / VL * VL;
+    vf m_vec = (vf){} - __builtin_inff();
+    for (int64_t t = 0; t < whole; t += VL) m_vec = vmax(m_vec, load_f32(logits + t));
+    float m = hmax(m_vec);
     for (int64_t t = whole; t < live; ++t) m = logits[t] > m ? logits[t] : m;
-    v16f s16 = {};
-    for (int64_t t = 0; t < whole; t += 16) {
-        const v16f e = vexp(load_f32(logits + t) - m);
+    vf s_vec = {};
+    for (int64_t t = 0; t < whole; t += VL) {
+        const vf e = vexp(load_f32(logits + t) - m);
         memcpy(logits + t, &e, sizeof e);
-        s16 += e;
+        s_vec += e;
     }
-    float s = hsum(s16);
+    float s = hsum(s_vec);
     if (whole < live) {  /* the tail, through one padded vector */
-        float tail[16];
-        for (int i = 0; i < 16; ++i) tail[i] = whole + i < live ? logits[whole + i] - m : -__builtin_inff();
-        const v16f e = vexp(load_f32(tail));
+        float tail[VL];
+        for (int i = 0; i < VL; ++i) tail[i] = whole + i < live ? logits[whole + i] - m : -__builtin_inff();
+        const vf e = vexp(load_f32(tail));
         for (int64_t t = whole; t < live; ++t) { logits[t] = e[t - whole]; s += e[t - whole]; }
     }
     return 1.f / s;
 }
 
 #define FUSED(NAME, ELEM, LOADV, LOGITS)                                                    \
-    /* out[n][dc .. dc + 16 * V) = sum over t < live of p[n][t] V[t] for N heads. */       \
+    /* out[n][dc .. dc + VL * V) = sum over t < live of p[n][t] V[t] for N heads. */       \
     static inline __attribute__((always_inline)) void NAME##_values(                        \
         const job_t *j, int64_t item, int64_t live, const float *p, int64_t W,             \
         const float *inv, float *out, int dc, const int N, const int V) {                   \
         const int D = j->D, bs = j->bs;                                                     \
-        v16f acc[4][4] = {{{0}}};                                                           \
+        vf acc[4][4] = {{{0}}};                                                           \
         for (int b = 0; (int64_t)b * bs < live; ++b) {                                      \
             const ELEM *vals = (const ELEM *)key_page(j, item, b, sizeof(ELEM))             \
                                + (int64_t)bs * D + dc;                                      \
@@ -261,16 +275,24 @@ static float softmax_unnormalized(float *logits, int64_t live) {
             const int tokens = live - base < bs ? (int)(live - base) : bs;                 \
             for (int t = 0; t < tokens; ++t) {                                              \
                 for (int v = 0; v < V; ++v) {                                               \
-                    const v16f x = LOADV(vals + (int64_t)t * D + 16 * v);                   \
+                    const vf x = LOADV(vals + (int64_t)t * D + VL * v);                   \
                     for (int n = 0; n < N; ++n) acc[n][v] += p[n * W + base + t] * x;       \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
         for (int n = 0; n < N; ++n)                                                         \
             for (int v = 0; v < V; ++v) {                                                   \
-                const v16f r = acc[n][v] * inv[n];                                          \
-                memcpy(out + (int64_t)n * D + dc + 16 * v, &r, sizeof r);                   \
+                const vf r = acc[n][v] * inv[n];                                          \
+                memcpy(out + (int64_t)n * D + dc + VL * v, &r, sizeof r);                   \
             }                                                                               \
+    }                                                                                       \
+    /* The same with V known only here: each branch is a constant-V instance. */            \
+    static inline __attribute__((always_inline)) void NAME##_values_v(                      \
+        const job_t *j, int64_t item, int64_t live, const float *p, int64_t W,              \
+        const float *inv, float *out, int dc, const int N, const int V) {                   \
+        if (V == 4) NAME##_values(j, item, live, p, W, inv, out, dc, N, 4);                 \
+        else if (V == 2) NAME##_values(j, item, live, p, W, inv, out, dc, N, 2);            \
+        else NAME##_values(j, item, live, p, W, inv, out, dc, N, 1);                        \
     }                                                                                       \
     static void NAME(const job_t *j, float *attn, float *scores) {                          \
         const int64_t W = (int64_t)j->per_row * j->bs;                                      \
@@ -290,20 +312,15 @@ static float softmax_unnormalized(float *logits, int64_t live) {
             for (int g = 0; g < G;) {                                                       \
                 const int N = G - g >= 4 ? 4 : G - g >= 2 ? 2 : 1;                          \
                 for (int dc = 0; dc < D;) {                                                 \
-                    const int V = D - dc >= 64 ? 4 : 1;                                     \
-                    if (N == 4 && V == 4)                                                   \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 4, 4); \
-                    else if (N == 4)                                                        \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 4, 1); \
-                    else if (N == 2 && V == 4)                                              \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 2, 4); \
+                    /* 4 x 4 accumulators where registers hold them, else 4 x 2 */          \
+                    const int V = ACCUMULATORS >= 16 && D - dc >= 4 * VL ? 4 : 16 / VL;     \
+                    if (N == 4)                                                             \
+                        NAME##_values_v(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 4, V); \
                     else if (N == 2)                                                        \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 2, 1); \
-                    else if (V == 4)                                                        \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 1, 4); \
+                        NAME##_values_v(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 2, V); \
                     else                                                                    \
-                        NAME##_values(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 1, 1); \
-                    dc += 16 * V;                                                           \
+                        NAME##_values_v(j, item, live, p + g * W, W, inv + g, o + g * D, dc, 1, V); \
+                    dc += VL * V;                                                           \
                 }                                                                           \
                 g += N;                                                                     \
             }                                                                               \
