@@ -67,7 +67,8 @@ def instrument(clock: StageClock) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from tova_vllm.engine import cpu_evictor, evictor, phased_builder, phase_loop
+    from tova_vllm.engine import (cpu_evictor, evictor, layer_batch, native,
+                                  phased_builder, phase_loop)
     from tova_vllm.policies import selection
 
     clock.wrap(GPUModelRunner, "execute_model", "runner.execute_model")
@@ -80,6 +81,13 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(phase_loop.TovaImplMixin, "forward", "tova: layer forward (incl. kernel)")
     clock.wrap(evictor.Evictor, "evict", "tova: evict")
     clock.wrap(cpu_evictor.CpuEvictor, "evict_layers", "tova: evict_layers (all layers at once)")
+    # Inside evict_layers (the side state's move is a copy_slots call of its own).
+    clock.wrap(layer_batch, "write_positions", "tova: evict_layers/side state positions")
+    clock.wrap(cpu_evictor.CpuEvictor, "_layer_tova_scores", "tova: evict_layers/scores")
+    clock.wrap(cpu_evictor.CpuEvictor, "_layer_policy_scores", "tova: evict_layers/scores")
+    clock.wrap(native, "decode_drops", "tova: evict_layers/drops")
+    clock.wrap(native, "copy_slots", "tova: evict_layers/moves (K, V, side state)")
+    clock.wrap(native, "decode_attention", "tova: attention that scores (C)")
     clock.wrap(cpu_evictor.CpuEvictor, "tova_scores", "tova: evict/scores")
     clock.wrap(cpu_evictor.CpuEvictor, "compact", "tova: evict/compact")
     clock.wrap(cpu_evictor.CpuEvictor, "decode_moves", "tova: evict/decode_moves")

@@ -85,6 +85,19 @@ def test_library_builds_here_and_can_be_turned_off(monkeypatch):
     finally:
         native.library.cache_clear()
 
+def test_vector_width_is_the_machines():
+    """The kernels' vectors and register blocking follow the compiler's target (AVX-512:
+    16 floats; otherwise 8): blocking for a wider machine spills on every step."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    macros = subprocess.run([compiler, "-march=native", "-dM", "-E", "-"], input="",
+                            capture_output=True, text=True, check=True).stdout
+    expected = 16 if "#define __AVX512F__ 1" in macros else 8
+    assert native.library().tova_vector_floats() == expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("tiling", list(TILINGS), ids=str)

@@ -60,7 +60,8 @@ def _cpu_scoring() -> str:
     from .native import library
 
     lib = library()
-    return ("K read in place by " + lib._name if lib is not None else
+    return (f"K read in place by {lib._name} ({lib.tova_vector_floats()}-float vectors)"
+            if lib is not None else
             "K copied by torch (slower: no C reader, see the warning above)")
 
 

@@ -107,6 +107,8 @@ def library() -> Optional[ctypes.CDLL]:
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.tova_vector_floats.restype = ctypes.c_int
+    lib.tova_vector_floats.argtypes = []
     fn = lib.tova_decode_drop
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,

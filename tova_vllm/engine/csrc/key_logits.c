@@ -192,6 +192,9 @@ TRANSPOSED(fast_f32, float, load_f32)
 TRANSPOSED(fast_bf16, uint16_t, load_bf16)
 TRANSPOSED(fast_f16, _Float16, load_f16)
 
+/* The vector width this build chose (floats): the start-up line names it. */
+int tova_vector_floats(void) { return VL; }
+
 /* ---- Decode attention that also gives TOVA's scores (one pass over K and V) ----
  *
  * For a decode step whose every query is the last one of an evicting row, the softmax
