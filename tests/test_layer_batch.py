@@ -181,3 +181,31 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     assert any(calls) == (layer_batch == "1")
     assert any(scored) == (layer_batch == "1")
     assert not any(c and s for c, s in zip(calls, scored))
+
+
+def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeypatch):
+    """Steps whose rows are all `window` / `sink_window` (scores from positions alone)
+    batch without gathering any layer's queries, and still equal the reference."""
+    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+
+    handed = []  # per batched step: whether each layer handed over queries
+    original = CpuEvictor.evict_layers
+
+    def spy(self, queries, caches, ev, groups=None, sides=None, scores=None):
+        handed.append([q is not None for q in queries])
+        return original(self, queries, caches, ev, groups, sides, scores=scores)
+
+    monkeypatch.setattr(CpuEvictor, "evict_layers", spy)
+    prompts = random_prompts([5, 30, 90, 40], seed=5)
+    extra = [{"tova_policy": "window"}, {"tova_policy": "sink_window", "tova_cache_size": 20},
+             {"tova_policy": "sink_window"}, {"tova_policy": "window", "tova_cache_size": 24}]
+    requests = [Req(p, 30, 0, x) for p, x in zip(prompts, extra)]
+    llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
+    try:
+        result = run(llm, requests)
+    finally:
+        shutdown(llm)
+    for i, request in enumerate(requests):
+        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
+                                                    {"cache_size": 32}), i
+    assert handed and not any(any(step) for step in handed)

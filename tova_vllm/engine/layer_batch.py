@@ -48,6 +48,9 @@ class LayerBatch:
     #: attention may then give the scores itself (``Evictor.attend_and_score``), and K is
     #: read once per step instead of twice.
     attention_scores: bool = False
+    #: Some row's score needs its last query (TOVA's rows; not the position-only
+    #: baselines'): otherwise the layers hand over no queries.
+    needs_queries: bool = True
     #: ``[L, rows, kv_heads, W]`` fp32 for every row of the step (evicting or not), each
     #: layer's slice filled by its attention: each kv head's sum of its query heads'
     #: softmax weights.  None: the scores are computed here from the queries.
@@ -66,10 +69,11 @@ class LayerBatch:
 
     def add(self, evictor, cache, queries: Optional[torch.Tensor], side=None) -> None:
         """Layer by layer, in order: ``queries`` are the eviction rows' last queries, or
-        None when the layer's attention filled its slice of :attr:`scores`."""
+        None when the layer's attention filled its slice of :attr:`scores` or no row's
+        score needs them (:attr:`needs_queries`)."""
         if self.done:
             raise RuntimeError("tova-vllm: a layer attended after its step's eviction ran")
-        if (queries is None) != (self.scores is not None):
+        if self.needs_queries and (queries is None) != (self.scores is not None):
             raise RuntimeError("tova-vllm: some layers of a step gave their scores from "
                                "attention and others did not")
         self.evictor = self.evictor or evictor

@@ -102,8 +102,9 @@ class TovaImplMixin:
             if phase.accumulate is not None:
                 evictor.accumulate(query, cache, phase.accumulate, side)
             if phase.evictions is not None and batch is not None:
+                needed = batch.needs_queries and not scored
                 batch.add(evictor, cache,
-                          None if scored else query[phase.evictions.query_index], side)
+                          query[phase.evictions.query_index] if needed else None, side)
             elif phase.evictions is not None:
                 row_lse = None if lse is None else lse[:, phase.eviction_queries].t().float()
                 evictor.evict(query, cache, phase.evictions, row_lse, phase.eviction_groups,
