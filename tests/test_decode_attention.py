@@ -4,7 +4,7 @@ own CPU attention kernel and a float64 torch reference, over a grid of batch sha
 K/V are written by vLLM's own cache-write op into its ``vec``/``vec16`` pages, so the
 layout is the one the engine reads.  Rows are ragged (live lengths 1, a block's worth,
 a block plus one, ...), blocks shuffled; the query-head groups take every register
-blocking path (1, 2, 3, 4, 7, 8 heads per kv head); head sizes 32 to 128.
+blocking path (1, 2, 3, 4, 7, 8 and 71 heads per kv head); head sizes 32 to 128.
 Then: the scores drive ``CpuEvictor.evict_layers`` to the same drops and moves as the
 scores it computes from the queries; bad block ids and live lengths raise; a layout the
 kernel does not read is refused (the stock kernel runs).
@@ -103,6 +103,7 @@ GRID = [
     (torch.float32, 32, 32, 8, 8, [90, 32]),
     (torch.float32, 16, 48, 14, 2, [20, 31]),
     (torch.float32, 32, 64, 8, 1, [70]),
+    (torch.float32, 16, 64, 71, 1, [40, 3]),  # MQA with Falcon-7B's 71 query heads
     (torch.bfloat16, 32, 128, 32, 8, [257, 100, 2]),
     (torch.bfloat16, 16, 64, 9, 3, [64, 1, 48]),
     (torch.float16, 32, 64, 4, 2, [65, 9]),

@@ -300,7 +300,7 @@ static float softmax_unnormalized(float *logits, int64_t live) {
     static void NAME(const job_t *j, float *attn, float *scores) {                          \
         const int64_t W = (int64_t)j->per_row * j->bs;                                      \
         const int D = j->D, G = j->group;                                                   \
-        float inv[64];                                                                      \
+        float inv[G];  /* any group: MQA models have 71 query heads per kv head */          \
         for (int64_t item = j->first; item < j->last; ++item) {                             \
             const int64_t live = j->live[item / j->kv_heads];                               \
             const float *q = j->q + item * G * D;                                           \
@@ -345,7 +345,7 @@ int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int
                           const float *q, int group, float scale, const int32_t *live,
                           float *logits, float *attn, float *scores, int threads,
                           int num_blocks) {
-    if (dtype < F32 || dtype > F16 || bs % 16 || D % 16 || group > 64) return -1;
+    if (dtype < F32 || dtype > F16 || bs % 16 || D % 16 || group < 1) return -1;
     for (int64_t i = 0; i < (int64_t)rows * per_row; ++i)
         if (table[i] < 0 || table[i] >= num_blocks) return -2;
     for (int e = 0; e < rows; ++e)
