@@ -129,31 +129,31 @@ static inline __attribute__((always_inline)) vf load_f16(const _Float16 *p) {
 }
 
 #define TRANSPOSED(NAME, ELEM, LOADV)                                                       \
-    /* Tokens c .. c + VL * V of N heads; ``next`` is prefetched along (the next block's K \
-     * at the same offsets: blocks are scattered, so the hardware cannot guess it). */     \
+    /* Tokens c .. c + VL * V of N heads; ``next`` is prefetched along (the next block's K  \
+     * at the same offsets: blocks are scattered, so the hardware cannot guess it). */      \
     static inline __attribute__((always_inline)) void NAME##_heads(                         \
         const ELEM *k, const ELEM *next, int bs, int D, const float *q, float *out,         \
         int64_t W, float scale, const int N, const int V) {                                 \
         for (int c = 0; c < bs; c += VL * V) {                                              \
-            vf acc[2][8] = {{{0}}};                                                       \
+            vf acc[2][8] = {{{0}}};                                                         \
             for (int d = 0; d < D; ++d) {                                                   \
                 const ELEM *row = k + (int64_t)d * bs + c;                                  \
                 __builtin_prefetch(next + (int64_t)d * bs + c);                             \
                 for (int v = 0; v < V; ++v) {                                               \
-                    const vf kv = LOADV(row + VL * v);                                    \
+                    const vf kv = LOADV(row + VL * v);                                      \
                     for (int n = 0; n < N; ++n) acc[v][n] += q[n * D + d] * kv;             \
                 }                                                                           \
             }                                                                               \
             for (int v = 0; v < V; ++v)                                                     \
                 for (int n = 0; n < N; ++n) {                                               \
-                    const vf r = acc[v][n] * scale;                                       \
+                    const vf r = acc[v][n] * scale;                                         \
                     memcpy(out + n * W + c + VL * v, &r, sizeof r);                         \
                 }                                                                           \
         }                                                                                   \
     }                                                                                       \
-    /* Logits of block table entry b of work item ``item`` into ``out`` + b * bs. */       \
-    static inline void NAME##_block(const job_t *j, int64_t item, int b, const float *q,  \
-                                    float *out, int64_t W) {                              \
+    /* Logits of block table entry b of work item ``item`` into ``out`` + b * bs. */        \
+    static inline void NAME##_block(const job_t *j, int64_t item, int b, const float *q,    \
+                                    float *out, int64_t W) {                                \
         const int D = j->D, G = j->group, bs = j->bs;                                       \
         const ELEM *k = (const ELEM *)key_page(j, item, b, sizeof(ELEM));                   \
         const ELEM *next = b + 1 < j->per_row                                               \
@@ -265,27 +265,27 @@ static float softmax_unnormalized(float *logits, int64_t live) {
 }
 
 #define FUSED(NAME, ELEM, LOADV, LOGITS)                                                    \
-    /* out[n][dc .. dc + VL * V) = sum over t < live of p[n][t] V[t] for N heads. */       \
+    /* out[n][dc .. dc + VL * V) = sum over t < live of p[n][t] V[t] for N heads. */        \
     static inline __attribute__((always_inline)) void NAME##_values(                        \
-        const job_t *j, int64_t item, int64_t live, const float *p, int64_t W,             \
+        const job_t *j, int64_t item, int64_t live, const float *p, int64_t W,              \
         const float *inv, float *out, int dc, const int N, const int V) {                   \
         const int D = j->D, bs = j->bs;                                                     \
-        vf acc[4][4] = {{{0}}};                                                           \
+        vf acc[4][4] = {{{0}}};                                                             \
         for (int b = 0; (int64_t)b * bs < live; ++b) {                                      \
             const ELEM *vals = (const ELEM *)key_page(j, item, b, sizeof(ELEM))             \
                                + (int64_t)bs * D + dc;                                      \
             const int64_t base = (int64_t)b * bs;                                           \
-            const int tokens = live - base < bs ? (int)(live - base) : bs;                 \
+            const int tokens = live - base < bs ? (int)(live - base) : bs;                  \
             for (int t = 0; t < tokens; ++t) {                                              \
                 for (int v = 0; v < V; ++v) {                                               \
-                    const vf x = LOADV(vals + (int64_t)t * D + VL * v);                   \
+                    const vf x = LOADV(vals + (int64_t)t * D + VL * v);                     \
                     for (int n = 0; n < N; ++n) acc[n][v] += p[n * W + base + t] * x;       \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
         for (int n = 0; n < N; ++n)                                                         \
             for (int v = 0; v < V; ++v) {                                                   \
-                const vf r = acc[n][v] * inv[n];                                          \
+                const vf r = acc[n][v] * inv[n];                                            \
                 memcpy(out + (int64_t)n * D + dc + VL * v, &r, sizeof r);                   \
             }                                                                               \
     }                                                                                       \
@@ -306,7 +306,7 @@ static float softmax_unnormalized(float *logits, int64_t live) {
             const float *q = j->q + item * G * D;                                           \
             float *p = j->out + item * G * W;                                               \
             for (int b = 0; (int64_t)b * j->bs < live; ++b) LOGITS##_block(j, item, b, q, p, W); \
-            for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(p + g * W, live);    \
+            for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(p + g * W, live);     \
             float *sc = scores + item * W;                                                  \
             for (int64_t t = 0; t < W; ++t) sc[t] = 0.f;                                    \
             for (int g = 0; g < G; ++g)                                                     \
