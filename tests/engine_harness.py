@@ -129,6 +129,20 @@ def reference_tokens(hf_model, request: Req, tova: dict) -> list[int]:
                        if chunked else {})).token_ids
 
 
+def run_equals_reference(model_dir, hf_model, requests: Sequence[Req], tova: dict,
+                         **llm_kwargs):
+    """Runs ``requests`` in a fresh engine (``make_llm(model_dir, tova, **llm_kwargs)``),
+    asserts every request's tokens equal the reference's, and returns the run's result."""
+    llm = make_llm(model_dir, tova, **llm_kwargs)
+    try:
+        result = run(llm, requests)
+    finally:
+        shutdown(llm)
+    for i, request in enumerate(requests):
+        assert result.tokens[i] == reference_tokens(hf_model, request, tova), i
+    return result
+
+
 def kv_manager(scheduler):
     (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
     return manager

@@ -229,7 +229,7 @@ def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models
     queries (``TOVA_VLLM_ATTENTION_SCORES=0``) makes the same drops, step after step, and
     the reference's tokens; the first did take them from attention, also in steps where
     some rows were still growing."""
-    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+    from engine_harness import Req, random_prompts, run_equals_reference
 
     prompts = random_prompts([5, 40, 90, 17, 33, 60], seed=5)
     extra = [{"tova_cache_size": 20}, {}, {}, {"tova_cache_size": 12}, {}, {}]
@@ -257,14 +257,8 @@ def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models
 
         monkeypatch.setattr(native, "decode_drops", spy_drops)
         monkeypatch.setattr(LayerBatch, "add", spy_add)
-        llm = make_llm(tiny_models["llama_gqa"], tova, enable_prefix_caching=prefix_caching)
-        try:
-            result = run(llm, requests)
-        finally:
-            shutdown(llm)
-        for i, request in enumerate(requests):
-            assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
-                                                        tova), (setting, i)
+        run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests, tova,
+                             enable_prefix_caching=prefix_caching)
         drops[setting], batches[setting] = seen, kinds
     assert len(drops["1"]) == len(drops["0"]) > 30
     for a, b in zip(drops["1"], drops["0"]):

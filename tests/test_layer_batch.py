@@ -148,7 +148,7 @@ def test_layer_batch_that_missed_a_layer_fails_loudly():
 @pytest.mark.parametrize("layer_batch", ["1", "0"])
 def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_models,
                                                                 monkeypatch, layer_batch):
-    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+    from engine_harness import Req, random_prompts, run_equals_reference
 
     monkeypatch.setenv("TOVA_VLLM_LAYER_BATCH", layer_batch)
     calls, scored = [], []  # per batched step: policy groups given / scores from attention
@@ -167,14 +167,8 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
              {"tova_policy": "sink_window", "tova_cache_size": 20}]
     # The window rows finish first: the last steps hold TOVA rows only.
     requests = [Req(p, 25 if "tova_policy" in x else 40, 0, x) for p, x in zip(prompts, extra)]
-    llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
-    try:
-        result = run(llm, requests)
-    finally:
-        shutdown(llm)
-    for i, request in enumerate(requests):
-        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
-                                                    {"cache_size": 32}), i
+    run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests,
+                         {"cache_size": 32})
     assert (len(calls) > 0) == (layer_batch == "1")
     # Steps with window rows went through the batch with their policy groups; steps of
     # TOVA rows only (after the window rows finished) took their scores from attention.
@@ -186,7 +180,7 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
 def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeypatch):
     """Steps whose rows are all `window` / `sink_window` (scores from positions alone)
     batch without gathering any layer's queries, and still equal the reference."""
-    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+    from engine_harness import Req, random_prompts, run_equals_reference
 
     handed = []  # per batched step: whether each layer handed over queries
     original = CpuEvictor.evict_layers
@@ -200,12 +194,6 @@ def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeyp
     extra = [{"tova_policy": "window"}, {"tova_policy": "sink_window", "tova_cache_size": 20},
              {"tova_policy": "sink_window"}, {"tova_policy": "window", "tova_cache_size": 24}]
     requests = [Req(p, 30, 0, x) for p, x in zip(prompts, extra)]
-    llm = make_llm(tiny_models["llama_gqa"], {"cache_size": 32})
-    try:
-        result = run(llm, requests)
-    finally:
-        shutdown(llm)
-    for i, request in enumerate(requests):
-        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request,
-                                                    {"cache_size": 32}), i
+    run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests,
+                         {"cache_size": 32})
     assert handed and not any(any(step) for step in handed)

@@ -59,7 +59,7 @@ def _same(a, b, what):
 ])
 def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypatch, backend,
                                                prefix_caching, prompt_chunk):
-    from engine_harness import Req, make_llm, random_prompts, reference_tokens, run, shutdown
+    from engine_harness import Req, random_prompts, run_equals_reference
 
     from tova_vllm.engine import phased_builder
 
@@ -119,13 +119,8 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
     with contextlib.ExitStack() as stack:
         if backend == "cuda on cpu":
             stack.enter_context(flash_attention_on_cpu())
-        llm = make_llm(tiny_models["llama_gqa"], tova, enable_prefix_caching=prefix_caching)
-        try:
-            result = run(llm, requests)
-        finally:
-            shutdown(llm)
-    for i, request in enumerate(requests):
-        assert result.tokens[i] == reference_tokens(hf_models["llama_gqa"], request, tova), i
+        run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests, tova,
+                             enable_prefix_caching=prefix_caching)
     # Most decode steps of this workload are steady ones, with several rows, some while a
     # short prompt's row still grows towards its budget.
     assert len(reused) > 20 and max(n for n, _ in reused) >= 3, (len(reused), len(planned))

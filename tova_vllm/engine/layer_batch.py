@@ -49,8 +49,8 @@ class LayerBatch:
     #: read once per step instead of twice.
     attention_scores: bool = False
     #: Some row's score needs its last query (TOVA's rows; not the position-only
-    #: baselines'): otherwise the layers hand over no queries.
-    needs_queries: bool = True
+    #: baselines'): otherwise the layers hand over no queries.  From :attr:`groups`.
+    needs_queries: bool = field(init=False)
     #: ``[L, rows, kv_heads, W]`` fp32 for every row of the step (evicting or not), each
     #: layer's slice filled by its attention: each kv head's sum of its query heads'
     #: softmax weights.  None: the scores are computed here from the queries.
@@ -59,6 +59,10 @@ class LayerBatch:
     #: the next layers (the platform's; e.g. a block table cut to the longest row).
     attention_inputs: Any = None
     done: bool = False
+
+    def __post_init__(self) -> None:
+        self.needs_queries = self.groups is None or any(
+            policy.needs_last_query_probs for policy, _ in self.groups)
 
     def scores_of_next_layer(self, make, shape: tuple) -> torch.Tensor:
         """The slice of :attr:`scores` the next layer to :meth:`add` fills (``shape``:

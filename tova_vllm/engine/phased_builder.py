@@ -193,9 +193,7 @@ class TovaPhasedBuilder:
                 last.evictions, self.num_layers, groups=groups,
                 side_writes=(last.slots, last.positions) if side_state else None,
                 attention_scores=(self._attention_scores and groups is None
-                                  and last.scored_by_attention),
-                needs_queries=(groups is None or any(policy.needs_last_query_probs
-                                                     for policy, _ in groups)))
+                                  and last.scored_by_attention))
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 
