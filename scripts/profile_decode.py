@@ -83,7 +83,8 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(cpu_evictor.CpuEvictor, "evict_layers", "tova: evict_layers (all layers at once)")
     # Inside evict_layers (the side state's move is a copy_slots call of its own).
     clock.wrap(layer_batch, "write_positions", "tova: evict_layers/side state positions")
-    clock.wrap(cpu_evictor.CpuEvictor, "_layer_tova_scores", "tova: evict_layers/TOVA scores from K")
+    clock.wrap(cpu_evictor.CpuEvictor, "_layer_tova_scores",
+               "tova: evict_layers/TOVA scores from K")
     clock.wrap(cpu_evictor.CpuEvictor, "_layer_policy_scores", "tova: evict_layers/policy scores")
     clock.wrap(native, "decode_drops", "tova: evict_layers/drops")
     clock.wrap(native, "copy_slots", "tova: evict_layers/moves (K, V, side state)")
