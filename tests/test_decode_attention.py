@@ -18,10 +18,11 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from tova_vllm.engine import native
-from tova_vllm.engine.cpu_evictor import CpuEvictor
+from tova_vllm.engine.cpu_evictor import CpuEvictor, copy_slots, slot_elements, slot_index
 from tova_vllm.engine.cpu_layout import probe_page_layout
 from tova_vllm.engine.layer_batch import LayerBatch
 from tova_vllm.engine.plan import EvictionBatch
+from tova_vllm.policies import position_to_drop
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -170,11 +171,13 @@ def test_layout_it_does_not_read_is_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_scores_evict_as_the_computed_scores(dtype):
+@pytest.mark.parametrize("tensor_parallel", (False, True))
+def test_attention_scores_evict_as_the_computed_scores(dtype, tensor_parallel):
     """One steady-decode step of 3 layers through the layer batch, rows 0, 1 and 3 evicting
     and row 2 still growing (it attends but does not evict): scores given by the
     attention and scores computed from the queries drop and move the same tokens, and the
-    attention output is vLLM's."""
+    attention output is vLLM's.  Alone, each layer's attention evicts too; with tensor
+    parallelism (an all-reduce, here the identity) the batch evicts at the step's end."""
     live, block_size, layers = [33, 33, 9, 17], 16, 3
     cases = [_case(dtype, block_size, 64, 8, 2, live, seed=layer) for layer in range(layers)]
     isa, table = cases[0][0], cases[0][3]
@@ -189,8 +192,10 @@ def test_attention_scores_evict_as_the_computed_scores(dtype):
         live=ev_live, keep=ev_live - 1, keep_list=(ev_live - 1).tolist(),
         live_list=ev_live.tolist(), one_drop_each=True,
     ).prepared(block_size, torch.device("cpu"))
-    evictor = CpuEvictor(isa, 64, 8, 0.125)
+    evictor = CpuEvictor(isa, 64, 8, 0.125,
+                         (lambda summed: summed) if tensor_parallel else None)
     seq_lens = torch.tensor(live, dtype=torch.int32)
+    moves = {}
     after = {}
     for given in (True, False):
         # Every layer's pages hold their rows at the first case's block ids (one block
@@ -209,10 +214,91 @@ def test_attention_scores_evict_as_the_computed_scores(dtype):
                 torch.testing.assert_close(out, stock, rtol=tolerance, atol=tolerance)
             batch.add(evictor, pages[layer], None if given else query[evicting])
         assert batch.done and (batch.scores is not None) == given
-        after[given] = pages
+        assert (batch.row_evictions is not None) == (given and not tensor_parallel)
+        after[given], moves[given] = pages, batch.moves
     for a, b, case in zip(after[True], after[False], cases):
         assert torch.equal(a, b)
         assert not torch.equal(a, _retabled(case[2], case[3], table))  # something moved
+    assert all(torch.equal(a, b) for a, b in zip(moves[True], moves[False]))
+
+
+@pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads,live", GRID)
+@pytest.mark.parametrize("ties", (False, True))
+def test_attention_evicts_rows_by_the_rule(dtype, block_size, head_size, q_heads, kv_heads,
+                                           live, ties):
+    """With ``RowEvictions`` the kernel also evicts the marked rows: the drop is
+    ``position_to_drop`` of its own scores summed over kv heads in head order and divided
+    by the query heads, and the last live position's K/V (every head) moves into it; the
+    output and scores are those of the kernel without eviction, other rows untouched.
+    ``ties``: a row's keys all equal (every weight ties: the newest, last, position is
+    dropped, nothing moves) and another's two lowest positions equal (the higher goes)."""
+    isa, layout, pages, table, query, keys, _ = _case(
+        dtype, block_size, head_size, q_heads, kv_heads, live, seed=3)
+    rows, per_row = table.shape
+    evicts = torch.tensor([e % 2 == 0 or e == rows - 1 for e in range(rows)],
+                          dtype=torch.int32)
+    scale = head_size ** -0.5
+    if ties:
+        _make_ties(isa, pages, table, query, keys, live, block_size)
+    before = pages.clone()
+    out, scores = _fused(layout, pages, table, query, live, scale)
+    width = scores.shape[-1]
+    src, dst = torch.full((rows,), 7, dtype=torch.int64), torch.full((rows,), 7,
+                                                                      dtype=torch.int64)
+    out2 = torch.empty_like(query)
+    scores2 = torch.full_like(scores, float("nan"))
+    assert native.decode_attention(
+        pages, layout, table, query, scale, torch.tensor(live), out2, scores2,
+        torch.empty(rows * q_heads * width), native.RowEvictions(evicts, q_heads, src, dst))
+    assert torch.equal(out2, out) and torch.equal(scores2, scores)
+    summed = scores[:, 0].clone()
+    for h in range(1, kv_heads):
+        summed += scores[:, h]
+    drop = position_to_drop(summed / q_heads, torch.tensor(live))
+    slots = (table.long().repeat_interleave(block_size, 1) * block_size
+             + torch.arange(width) % block_size)
+    expected = before.clone()
+    elements = slot_elements(layout, kv_heads)
+    for e in range(rows):
+        if not evicts[e]:
+            assert src[e] == dst[e] == -1
+            continue
+        last = live[e] - 1
+        assert (src[e], dst[e]) == (slots[e, last], slots[e, drop[e]])
+        copy_slots(expected, elements, src[e:e + 1], dst[e:e + 1])
+    assert torch.equal(pages, expected)
+    if ties:
+        assert drop[0] == live[0] - 1 and src[0] == dst[0]  # all equal: the newest goes
+        if rows > 2 and live[2] > 3:
+            assert drop[2] == 3  # positions 1 and 3 tie lowest: the higher goes
+
+
+def _make_ties(isa, pages, table, query, keys, live, block_size):
+    """Row 0: every key equal.  Row 2 (if long enough): keys 1 and 3 equal and far below
+    the others for every query head (so they tie as the lowest)."""
+    rows, width, kv_heads, head_size = keys.shape
+    new_keys = keys.clone()
+    new_keys[0] = keys[0, :1]
+    if rows > 2 and live[2] > 3:
+        group = query.shape[1] // kv_heads
+        q = query.double().view(rows, kv_heads, group, head_size)[2].sum(1)  # [H, D]
+        low = -8 * q / q.norm(dim=-1, keepdim=True)
+        new_keys[2, 1] = new_keys[2, 3] = low
+    slots = (table.long().repeat_interleave(block_size, 1) * block_size
+             + torch.arange(width) % block_size)
+    key_cache, value_cache = pages.chunk(2, dim=2)
+    # Re-write the keys only: the values stay (written back as they are).
+    values = torch.empty(rows, width, kv_heads, head_size, dtype=pages.dtype)
+    flat = pages.view(-1)
+    layout = probe_page_layout(isa, pages.dtype, block_size, head_size)
+    elements = slot_elements(layout, kv_heads)
+    index = slot_index(elements, slots.reshape(-1), pages).view(rows, width, 2, kv_heads,
+                                                                  head_size)
+    values.copy_(flat[index[:, :, 1]])
+    ops.cpu_attn_reshape_and_cache(new_keys.to(pages.dtype).reshape(-1, kv_heads, head_size),
+                                   values.reshape(-1, kv_heads, head_size), key_cache,
+                                   value_cache, slots.reshape(-1), isa, k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
 
 
 def _retabled(pages, own_table, table):
@@ -225,10 +311,10 @@ def _retabled(pages, own_table, table):
 @pytest.mark.parametrize("prefix_caching", (True, False))
 def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models,
                                                           monkeypatch, prefix_caching):
-    """The engine with scores from attention (default) and with scores computed from the
-    queries (``TOVA_VLLM_ATTENTION_SCORES=0``) makes the same drops, step after step, and
-    the reference's tokens; the first did take them from attention, also in steps where
-    some rows were still growing."""
+    """The engine with scores from attention (default; each layer's attention then evicts
+    too) and with scores computed from the queries (``TOVA_VLLM_ATTENTION_SCORES=0``)
+    makes the same drops, step after step, and the reference's tokens; the first did take
+    them from attention, also in steps where some rows were still growing."""
     from engine_harness import Req, random_prompts, run_equals_reference
 
     prompts = random_prompts([5, 40, 90, 17, 33, 60], seed=5)
@@ -237,25 +323,22 @@ def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models
     requests = [Req(p, 40, a, x) for p, a, x in zip(prompts, arrivals, extra)]
     tova = {"cache_size": 32}
     drops, batches = {}, {}
-    original_drops = native.decode_drops
     original_add = LayerBatch.add
     for setting in ("1", "0"):
         monkeypatch.setenv("TOVA_VLLM_ATTENTION_SCORES", setting)
         seen, kinds = [], []
 
-        def spy_drops(scores, live, slots, seen=seen):
-            moves = original_drops(scores, live, slots)
-            seen.append(tuple(m.clone() for m in moves))
-            return moves
-
-        def spy_add(self, evictor, cache, queries, side=None, kinds=kinds):
-            if len(self.caches) == self.num_layers - 1:
+        def spy_add(self, evictor, cache, queries, side=None, kinds=kinds, seen=seen):
+            last = len(self.caches) == self.num_layers - 1
+            if last:
                 kinds.append((self.scores is not None,
                               None if self.scores is None else
-                              self.scores.shape[1] > self.evictions.rows.numel()))
-            return original_add(self, evictor, cache, queries, side)
+                              self.scores.shape[1] > self.evictions.rows.numel(),
+                              self.row_evictions is not None))
+            original_add(self, evictor, cache, queries, side)
+            if last:
+                seen.append(tuple(m.clone() for m in self.moves))
 
-        monkeypatch.setattr(native, "decode_drops", spy_drops)
         monkeypatch.setattr(LayerBatch, "add", spy_add)
         run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests, tova,
                              enable_prefix_caching=prefix_caching)
@@ -263,6 +346,8 @@ def test_engine_drops_the_same_with_scores_from_attention(tiny_models, hf_models
     assert len(drops["1"]) == len(drops["0"]) > 30
     for a, b in zip(drops["1"], drops["0"]):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not any(given for given, _ in batches["0"])
-    given = [growing for g, growing in batches["1"] if g]
+    assert not any(given for given, _, _ in batches["0"])
+    given = [growing for g, growing, _ in batches["1"] if g]
     assert len(given) > 20 and True in given and False in given
+    # Each layer's attention evicted its rows (no tensor parallelism here).
+    assert all(in_attention for g, _, in_attention in batches["1"] if g)

@@ -119,6 +119,19 @@ def test_schedule_matches_token_by_token_model(cache_size, prompt_len, prompt_ch
 
 
 @pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
+def test_tokens_evicted_matches_token_by_token_model(cache_size, prompt_len, prompt_chunk):
+    """What ``/metrics`` counts per scheduled stretch (decode has a shortcut): the tokens
+    that entered minus the growth of the live count, over every stretch."""
+    total = prompt_len + 12
+    after, _, _ = _simulate(cache_size, prompt_len, prompt_chunk, total)
+    s = EvictionSchedule(cache_size, prompt_len, prompt_chunk)
+    for start in range(total):
+        for num_new in range(1, total - start + 1):
+            assert s.tokens_evicted(start, num_new) == (
+                after[start] + num_new - after[start + num_new]), (start, num_new)
+
+
+@pytest.mark.parametrize("cache_size,prompt_len,prompt_chunk", SCHEDULES)
 @pytest.mark.parametrize("block_size", (1, 4, 32))
 def test_table_blocks_cover_every_position_written(cache_size, prompt_len, prompt_chunk,
                                                    block_size):

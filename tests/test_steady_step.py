@@ -65,7 +65,7 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
 
     builder_cls = phased_builder.TovaPhasedBuilder
     original = builder_cls._next_steady_step
-    reused, planned = [], []
+    reused, planned, kept_steps, last_attention = [], [], [], {}
 
     def checked(self, common_prefix_len, cm, fast_build, steady):
         step = original(self, common_prefix_len, cm, fast_build, steady)
@@ -95,6 +95,24 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
               "block_table_tensor")
         # vLLM's own KV write goes to the fresh plan's slots.
         _same(cm.slot_mapping[: cm.num_actual_tokens], fresh.slots, "vLLM write")
+        # The stock metadata (kept from the last step where every row evicts and the
+        # platform's is pure) equals the one the stock builder makes for this step.
+        stock.setdefault("block_table_tensor", cm.block_table_tensor)
+        made = super(builder_cls, self).build(common_prefix_len, cm.replace(**stock),
+                                              fast_build)
+        kept = phase.attention is last_attention.get(id(self))
+        assert not kept or (self.stock_metadata_is_pure and steady.every_row_evicts)
+        kept_steps.append(kept)
+        last_attention[id(self)] = phase.attention
+        for name, value in vars(made).items():
+            if name == "scheduler_metadata":
+                continue  # has uninitialised bytes: two builds of the same inputs differ
+            got_value = getattr(phase.attention, name)
+            if isinstance(value, torch.Tensor):
+                rows = cm.num_reqs if name == "block_table" else None
+                _same(got_value[:rows], value[:rows], f"stock metadata {name}")
+            else:
+                assert got_value == value, f"stock metadata {name}"
         reused.append((cm.num_reqs, bool(steady.evicting.all())))
         return step
 
@@ -125,6 +143,8 @@ def test_engine_reused_steps_equal_fresh_plans(tiny_models, hf_models, monkeypat
     # short prompt's row still grows towards its budget.
     assert len(reused) > 20 and max(n for n, _ in reused) >= 3, (len(reused), len(planned))
     assert {True, False} <= {all_evict for _, all_evict in reused}
+    # The CPU builder keeps its stock metadata in most of them; the CUDA one never does.
+    assert (sum(kept_steps) > 10) == (backend == "cpu"), sum(kept_steps)
 
 
 def test_engine_without_reuse_plans_every_step(tiny_models, monkeypatch):

@@ -136,12 +136,9 @@ def _apply_scheduler_reports_evictions(patch: str) -> None:
             manager, writer = found
             for req_id, num_new in output.num_scheduled_tokens.items():
                 request = self.requests[req_id]
-                schedule = manager.schedule_of(request)
                 start = request.num_computed_tokens - num_new  # already advanced
-                for seg_start, seg_end, evicts in schedule.segments(start, num_new):
-                    if evicts:
-                        live = schedule.live_after(seg_start) + seg_end - seg_start
-                        writer.evicted_tokens += live - schedule.cache_size
+                writer.evicted_tokens += manager.schedule_of(request).tokens_evicted(
+                    start, num_new)
             writer.publish()
             return output
         return schedule

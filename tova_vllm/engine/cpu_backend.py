@@ -38,6 +38,9 @@ class TovaCPUBackend(CPUAttentionBackend):
 
 class TovaCPUMetadataBuilder(TovaPhasedBuilder, CPUAttentionMetadataBuilder):
     batches_layers = True
+    # vLLM 0.32's CPU build (cpu_attn.py:199-283) reads only its inputs: the kernel's work
+    # split comes from seq_lens and query_start_loc, the rest are the inputs themselves.
+    stock_metadata_is_pure = True
 
 
 class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
@@ -53,17 +56,16 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
             ("a KV cache shared between layers", self.kv_sharing_target_layer_name is not None),
         )
 
-    def _attend_and_score(self, q, kv_cache, phase, out, batch) -> bool:
+    def _attend_and_score(self, q, cache, phase, out, batch) -> bool:
         if batch.attention_inputs is None:
             # What vLLM's kernel reads: each row's blocks up to the longest row (the
             # runner's table is as wide as the model's context).
             attention = phase.attention
-            rows, block_size = q.shape[0], kv_cache.shape[2]
+            rows, block_size = q.shape[0], self._evictor.block_size(cache)
             blocks = -(-attention.max_seq_len // block_size)
             batch.attention_inputs = (attention.block_table[:rows, :blocks].contiguous(),
                                       attention.seq_lens[:rows])
-        return self._evictor.attend_and_score(q, self._evictor_cache(kv_cache),
-                                              *batch.attention_inputs, out, batch)
+        return self._evictor.attend_and_score(q, cache, *batch.attention_inputs, out, batch)
 
     def _make_evictor(self, layer, kv_cache) -> CpuEvictor:
         return CpuEvictor(layer.isa, self.head_size, self._tp.total_q_heads, self.scale,

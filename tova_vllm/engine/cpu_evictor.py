@@ -65,11 +65,15 @@ class CpuEvictor(Evictor):
             lambda shape: _scratch("attention_scores", shape, torch.float32),
             (rows, pages.shape[1], width))
         logits = _scratch("attention_logits", (rows * query.shape[1] * width,), torch.float32)
+        evictions = None
+        if self.all_reduce is None:  # (tensor parallel: the head sums need every rank's)
+            evicts, src, dst = batch.row_evictions_of_next_layer(rows)
+            evictions = native.RowEvictions(evicts, self.total_q_heads, src, dst)
         return native.decode_attention(pages, self.layout(pages), block_table, query,
-                                       self.scale, seq_lens, out, scores, logits)
+                                       self.scale, seq_lens, out, scores, logits, evictions)
 
     def evict_layers(self, queries, kv_caches, ev: EvictionBatch, groups=None,
-                     sides=None, scores=None) -> None:
+                     sides=None, scores=None) -> tuple[torch.Tensor, torch.Tensor]:
         pages = kv_caches[0]
         num_layers, rows = len(kv_caches), ev.block_ids.shape[0]
         # Layer l's row e is row l * E + e of one batch of L * E rows.
@@ -94,12 +98,13 @@ class CpuEvictor(Evictor):
         if groups is not None:
             _move_side_states(sides, src, dst)
         elements = self._elements(pages)
-        if native.copy_slots(kv_caches, elements, src, dst):
-            return
-        src_index, dst_index = slot_index(elements, src, pages), slot_index(elements, dst, pages)
-        for layer, layer_pages in enumerate(kv_caches):
-            flat = layer_pages.view(-1)
-            flat[dst_index[layer]] = flat[src_index]
+        if not native.copy_slots(kv_caches, elements, src, dst):
+            src_index = slot_index(elements, src, pages)
+            dst_index = slot_index(elements, dst, pages)
+            for layer, layer_pages in enumerate(kv_caches):
+                flat = layer_pages.view(-1)
+                flat[dst_index[layer]] = flat[src_index]
+        return src, dst
 
     def _layer_tova_scores(self, queries, kv_caches, block_table, live, padding):
         """TOVA's scores ``[L * E, S]`` of rows whose queries are ``queries[l]`` in layer
@@ -157,9 +162,10 @@ class CpuEvictor(Evictor):
             slots = pick(ev.slots)
             inputs["positions"] = torch.stack(
                 [side.positions[slots] for side in sides]).view(-1, width)
+        # (``cat`` of L copies: a third of ``repeat``'s cost on these few elements.)
         return policy.keep_scores(
-            cache_size=pick(ev.keep).repeat(num_layers),
-            query_position=pick(ev.query_position).repeat(num_layers), **inputs,
+            cache_size=torch.cat([pick(ev.keep)] * num_layers),
+            query_position=torch.cat([pick(ev.query_position)] * num_layers), **inputs,
         ).double()
 
     def query_logits(self, pages, batch: QueryBatch) -> Callable[[torch.Tensor], torch.Tensor]:

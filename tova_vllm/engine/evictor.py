@@ -77,7 +77,9 @@ class Evictor:
         (what the stock kernel would read), into ``out``, writing the softmax weights it
         used, summed over each kv head's query heads, into
         ``batch.scores_of_next_layer``; False (nothing written) when the platform has no
-        such kernel for this cache, and the stock kernel runs."""
+        such kernel for this cache, and the stock kernel runs.  It may also evict the
+        batch's rows right away (``batch.row_evictions_of_next_layer``), leaving nothing
+        for ``evict_layers``."""
         return False
 
     def decode_evict_fused(self, scores: torch.Tensor, kv_cache, ev: EvictionBatch) -> bool:
@@ -130,14 +132,16 @@ class Evictor:
     def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch,
                      groups: Optional[PolicyGroups] = None,
                      sides: Optional[list[Optional[SlotSideState]]] = None,
-                     scores: Optional[torch.Tensor] = None) -> None:
+                     scores: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
         ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
         whose cache is ``kv_caches[l]`` and side state ``sides[l]``; every row drops one
         token, by TOVA's score (``groups`` None) or by its group's policy (none of which
         accumulates).  ``scores``: ``[L, E, kv_heads, W]`` TOVA's head-summed weights as
         the layers' attention gave them (``attend_and_score``), instead of the queries.
-        Only platforms whose builder sets ``batches_layers`` are asked."""
+        Returns the moves' slots ``(src [E], dst [L, E])``.  Only platforms whose builder
+        sets ``batches_layers`` are asked."""
         raise NotImplementedError
 
     def accumulate(self, query: torch.Tensor, kv_cache, batch: QueryBatch,

@@ -58,6 +58,13 @@ class LayerBatch:
     #: What the first layer's attention derived from the step's attention metadata, for
     #: the next layers (the platform's; e.g. a block table cut to the longest row).
     attention_inputs: Any = None
+    #: ``(evicts [rows] int32, src [L, rows], dst [L, rows] int64)`` when the platform's
+    #: attention also evicts, layer by layer, right after attending (``native.
+    #: RowEvictions``): then nothing is left to evict at the step's end.
+    row_evictions: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    #: ``(src [E], dst [L, E])``: the slots each eviction row moved in each layer, once
+    #: the step's eviction is done (``evict_layers``' or the attention's).
+    moves: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +77,23 @@ class LayerBatch:
         if self.scores is None:
             self.scores = make((self.num_layers,) + tuple(shape))
         return self.scores[len(self.caches)]
+
+    def row_evictions_of_next_layer(self, rows: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+        """``(evicts, src, dst)`` for the next layer to :meth:`add`, whose attention over
+        the step's ``rows`` rows also evicts (``native.RowEvictions``)."""
+        if self.row_evictions is None:
+            if self.caches:
+                raise RuntimeError("tova-vllm: some layers of a step evicted in their "
+                                   "attention and others did not")
+            evicts = torch.zeros(rows, dtype=torch.int32)
+            evicts[self.evictions.rows] = 1
+            self.row_evictions = (evicts,
+                                  torch.empty(self.num_layers, rows, dtype=torch.int64),
+                                  torch.empty(self.num_layers, rows, dtype=torch.int64))
+        evicts, src, dst = self.row_evictions
+        layer = len(self.caches)
+        return evicts, src[layer], dst[layer]
 
     def add(self, evictor, cache, queries: Optional[torch.Tensor], side=None) -> None:
         """Layer by layer, in order: ``queries`` are the eviction rows' last queries, or
@@ -85,13 +109,19 @@ class LayerBatch:
         self.queries.append(queries)
         self.sides.append(side)
         if len(self.caches) == self.num_layers:
-            if self.side_writes is not None:
-                write_positions(self.sides, *self.side_writes)
-            scores = self.scores
-            if scores is not None and scores.shape[1] != self.evictions.rows.numel():
-                scores = scores[:, self.evictions.rows]  # growing rows attended too
-            self.evictor.evict_layers(self.queries, self.caches, self.evictions,
-                                      self.groups, self.sides, scores=scores)
+            if self.row_evictions is not None:  # every layer evicted in its attention
+                _, src, dst = self.row_evictions
+                rows = self.evictions.rows
+                self.moves = (src[0, rows], dst[:, rows])
+            else:
+                if self.side_writes is not None:
+                    write_positions(self.sides, *self.side_writes)
+                scores = self.scores
+                if scores is not None and scores.shape[1] != self.evictions.rows.numel():
+                    scores = scores[:, self.evictions.rows]  # growing rows attended too
+                self.moves = self.evictor.evict_layers(self.queries, self.caches,
+                                                       self.evictions, self.groups,
+                                                       self.sides, scores=scores)
             self.done = True
             self.caches, self.queries, self.sides = [], [], []
 

@@ -20,8 +20,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -106,7 +108,8 @@ def library() -> Optional[ctypes.CDLL]:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.tova_vector_floats.restype = ctypes.c_int
     lib.tova_vector_floats.argtypes = []
     fn = lib.tova_decode_drop
@@ -130,14 +133,29 @@ def key_tiling(layout: PageLayout, block_size: int, head_size: int
     return None
 
 
-def _pointers(pages: list[torch.Tensor]):
-    return (ctypes.c_void_p * len(pages))(*(p.data_ptr() for p in pages))
+#: ``_checked``'s answers by the ids of a list's tensors, each with weak references that
+#: prove the ids still name those tensors (no strong reference: an old engine's KV cache
+#: must be freed with it).  A step's layer batch hands the same layers' tensors every
+#: step: checking them and building the pointer array once saves tens of microseconds
+#: per call, which a small model's step notices.  (Tensors whose storage is swapped in
+#: place, ``set_``, would keep a stale pointer; vLLM's caches and the side state never are.)
+_CHECKED: dict[tuple[int, ...], tuple[tuple, bool, Any]] = {}
 
 
-def _readable(pages: list[torch.Tensor]) -> bool:
-    first = pages[0]
-    return all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == first.dtype
-               and p.shape == first.shape for p in pages)
+def _checked(tensors: list[torch.Tensor]) -> tuple[bool, Any]:
+    """Whether every tensor is a contiguous CPU tensor of the first one's dtype and shape,
+    and the ``void *`` array of their data pointers."""
+    key = tuple(map(id, tensors))
+    known = _CHECKED.get(key)
+    if known is None or not all(ref() is t for ref, t in zip(known[0], tensors)):
+        first = tensors[0]
+        readable = all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype
+                       and t.shape == first.shape for t in tensors)
+        pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+        if len(_CHECKED) >= 64:
+            _CHECKED.clear()
+        known = _CHECKED[key] = (tuple(map(weakref.ref, tensors)), readable, pointers)
+    return known[1], known[2]
 
 
 def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torch.Tensor,
@@ -160,7 +178,10 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
     first = layers[0]
     block_size, head_size = first.shape[2] // 2, first.shape[3]
     tiling = None if lib is None else key_tiling(layout, block_size, head_size)
-    if tiling is None or first.dtype not in _DTYPES or not _readable(layers):
+    if tiling is None or first.dtype not in _DTYPES:
+        return None
+    readable, pointers = _checked(layers)
+    if not readable:
         return None
     rows, per_row = block_table.shape
     kv_heads = first.shape[1]
@@ -176,7 +197,7 @@ def key_logits(pages, layout: PageLayout, block_table: torch.Tensor, query: torc
     if rows == 0:
         return out
     status = lib.tova_key_logits(
-        _pointers(layers), len(layers), _DTYPES[first.dtype], first[0].numel(), kv_heads,
+        pointers, len(layers), _DTYPES[first.dtype], first[0].numel(), kv_heads,
         block_size, head_size, tiling[0], tiling[1], table.data_ptr(), rows, per_row,
         q.data_ptr(), group, float(scale), None if lengths is None else lengths.data_ptr(),
         out.data_ptr(), torch.get_num_threads(), first.shape[0])
@@ -202,16 +223,34 @@ def _exact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
+@dataclass
+class RowEvictions:
+    """The decode eviction :func:`decode_attention` does right after a layer's attention,
+    while its pages are in cache: each row with ``evicts[e]`` (int32 ``[E]``, nonzero: at
+    its budget, one drop) sums its kv heads' scores in head order, divides by
+    ``total_q_heads`` (TOVA's mean over every query head of the layer), drops the lowest
+    (``policies.position_to_drop``'s rule) and moves its last live position into it.
+    ``src``/``dst``: int64 ``[E]`` filled with the slots moved (both -1 for other rows;
+    equal when the newest token is dropped)."""
+
+    evicts: torch.Tensor
+    total_q_heads: int
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
 def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch.Tensor,
                      query: torch.Tensor, scale: float, live: torch.Tensor,
-                     out: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> bool:
+                     out: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
+                     evictions: Optional[RowEvictions] = None) -> bool:
     """Decode attention of one query per row (``query`` ``[E, q_heads, D]``) over its
     first ``live[e]`` cache positions (``block_table`` ``[E, per_row]``) into ``out``
     (``[E, q_heads, D]`` or ``[E, q_heads * D]``, any float dtype), and the softmax weights
     it used, summed over each kv head's query heads, into ``scores`` (fp32 ``[E, kv_heads,
-    per_row * bs]``, 0 past ``live``), reading K and V once.  ``logits``: fp32 scratch of
-    at least ``E * q_heads * per_row * bs`` elements.  Callers ask :func:`attends` first
-    (once per cache): this runs once per layer and step, so it checks shapes only."""
+    per_row * bs]``, 0 past ``live``), reading K and V once; then ``evictions``, if any.
+    ``logits``: fp32 scratch of at least ``E * q_heads * per_row * bs`` elements.  Callers
+    ask :func:`attends` first (once per cache): this runs once per layer and step, so it
+    checks shapes only."""
     num_blocks, kv_heads, two_bs, head_size = pages.shape
     block_size = two_bs // 2
     rows, per_row = block_table.shape
@@ -223,6 +262,13 @@ def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch
             or out.shape[0] != rows or out.numel() != rows * q_heads * head_size
             or query.shape != (rows, q_heads, head_size)):
         raise ValueError("tova-vllm: decode_attention got mismatched shapes")
+    ev = evictions
+    if ev is not None and not (
+            ev.evicts.shape == (rows,) and ev.evicts.dtype == torch.int32
+            and ev.evicts.is_contiguous() and ev.total_q_heads >= q_heads
+            and all(t.shape == (rows,) and t.dtype == torch.int64 and t.is_contiguous()
+                    for t in (ev.src, ev.dst))):
+        raise ValueError("tova-vllm: decode_attention got mismatched evictions")
     if rows == 0:
         return True
     direct = out.dtype == torch.float32 and out.is_contiguous()
@@ -234,7 +280,9 @@ def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch
         pages.data_ptr(), _DTYPES[pages.dtype], kv_heads * two_bs * head_size, kv_heads,
         block_size, head_size, table.data_ptr(), rows, per_row, q.data_ptr(),
         q_heads // kv_heads, float(scale), lengths.data_ptr(), logits.data_ptr(),
-        result.data_ptr(), scores.data_ptr(), torch.get_num_threads(), num_blocks)
+        result.data_ptr(), scores.data_ptr(), torch.get_num_threads(), num_blocks,
+        None if ev is None else ev.evicts.data_ptr(), 0 if ev is None else ev.total_q_heads,
+        None if ev is None else ev.src.data_ptr(), None if ev is None else ev.dst.data_ptr())
     if status == -2:
         raise IndexError(f"tova-vllm: block ids outside 0..{num_blocks - 1} or live lengths "
                          f"outside 1..{width}")
@@ -251,7 +299,10 @@ def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tens
     ``dst``, or a list of L layers with ``dst`` ``[L, n]`` and ``src`` ``[n]`` (shared)
     or ``[L, n]``.  Slots are checked (in C, before any write) to lie in the pages."""
     layers = list(pages) if isinstance(pages, (list, tuple)) else [pages]
-    if library() is None or not _readable(layers):
+    if library() is None:
+        return False
+    readable, pointers = _checked(layers)
+    if not readable:
         return False
     src = src.to(torch.int64).contiguous()
     dst = dst.to(torch.int64).contiguous()
@@ -262,7 +313,7 @@ def copy_slots(pages, elements: torch.Tensor, src: torch.Tensor, dst: torch.Tens
     limit = layers[0].shape[0] * block_size
     elements = elements.to(torch.int64).contiguous()
     status = library().tova_copy_slots(
-        _pointers(layers), len(layers), layers[0].element_size(), layers[0][0].numel(),
+        pointers, len(layers), layers[0].element_size(), layers[0][0].numel(),
         block_size, elements.data_ptr(), elements.shape[1], src.data_ptr(),
         n if src.dim() == 2 else 0, dst.data_ptr(), n if dst.dim() == 2 else 0, n, limit)
     if status == -2:
@@ -303,13 +354,13 @@ def scatter_positions(arrays: list[torch.Tensor], slots: torch.Tensor,
     """``array[slots] = positions`` for every int32 array (each layer's side-state
     positions) in one call; False when the library is not there (the caller indexes)."""
     lib = library()
-    if lib is None or not all(a.device.type == "cpu" and a.dtype == torch.int32
-                              and a.is_contiguous() and a.shape == arrays[0].shape
-                              for a in arrays):
+    if lib is None or arrays[0].dtype != torch.int32:
+        return False
+    readable, pointers = _checked(arrays)
+    if not readable:
         return False
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
-    pointers = (ctypes.c_void_p * len(arrays))(*(a.data_ptr() for a in arrays))
     if lib.tova_scatter_i32(pointers, len(arrays), slots.data_ptr(), positions.data_ptr(),
                             slots.numel(), arrays[0].numel()) != 0:
         raise IndexError(f"tova-vllm: slots outside 0..{arrays[0].numel() - 1}")

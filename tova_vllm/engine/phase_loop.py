@@ -35,6 +35,10 @@ class TovaImplMixin:
         self._evictor: Optional[Evictor] = None
         #: Per-slot side state of this layer (``side_state.py``), made on first use.
         self._side: Optional[SlotSideState] = None
+        #: ``(kv_cache, its _evictor_cache view)``: the runner hands the same cache tensor
+        #: every step, and a view made once keeps the tensor lists of a step's layer batch
+        #: identical from step to step (``native`` validates such a list once).
+        self._cache_view: Optional[tuple[torch.Tensor, object]] = None
 
     def _tova_unsupported(self) -> Iterable[tuple[str, bool]]:
         raise NotImplementedError
@@ -55,8 +59,9 @@ class TovaImplMixin:
         super().forward(layer, q, k, v, kv_cache, phase.attention, out)
         return None
 
-    def _attend_and_score(self, q, kv_cache, phase: TovaPhaseMetadata, out, batch) -> bool:
-        """Attention of a decode phase into ``out`` that also fills the layer's slice of
+    def _attend_and_score(self, q, cache, phase: TovaPhaseMetadata, out, batch) -> bool:
+        """Attention of a decode phase (over ``cache``, the evictor's view of the layer's
+        cache) into ``out`` that also fills the layer's slice of
         ``batch.scores`` (``Evictor.attend_and_score``); False when the platform cannot,
         and the stock kernel runs."""
         return False
@@ -71,7 +76,9 @@ class TovaImplMixin:
                                    output_scale, output_block_scale)
         if self._evictor is None:
             self._evictor = self._make_evictor(layer, kv_cache)
-        evictor, cache = self._evictor, self._evictor_cache(kv_cache)
+        if self._cache_view is None or self._cache_view[0] is not kv_cache:
+            self._cache_view = (kv_cache, self._evictor_cache(kv_cache))
+        evictor, cache = self._evictor, self._cache_view[1]
         side = None
         if attn_metadata.side_state:
             side = self._side = SlotSideState.sized(
@@ -93,7 +100,7 @@ class TovaImplMixin:
             # The first layer that cannot give its scores from attention turns it off for
             # the step (all layers share shapes, so it is the first or none).
             scored = (batch is not None and batch.attention_scores
-                      and self._attend_and_score(q, kv_cache, phase, out, batch))
+                      and self._attend_and_score(q, cache, phase, out, batch))
             if batch is not None and batch.scores is None:
                 batch.attention_scores = False
             lse = None if scored else self._attend(layer, q, k, v, kv_cache, phase, out)

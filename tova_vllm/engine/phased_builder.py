@@ -70,7 +70,7 @@ class SteadyStep:
     Anything else is planned afresh."""
 
     states: list  # each row's request state in the runner (compared by identity)
-    seq_lens: torch.Tensor  # [rows] host: tokens each row held after the step
+    seq_lens: torch.Tensor  # [rows] host: tokens each row held after the first such step
     block_table: torch.Tensor  # [rows, blocks] host copy of the step's block table
     #: [rows, blocks] host int64: the table the phase's slots come from (each row's own
     #: from its block base, with copy-on-write)
@@ -85,14 +85,23 @@ class SteadyStep:
     stock_inputs: dict
     block_size: int
 
+    def __post_init__(self) -> None:
+        self._expect_next(self.seq_lens)
+
+    def _expect_next(self, seq_lens: torch.Tensor) -> None:
+        # What the next steady step's seq_lens are, and whether the same rows evict in it
+        # (no growing row reaches its budget): computed once per step here, not per check.
+        self.next_seq_lens = seq_lens + 1
+        self.next_evicts_same = self.every_row_evicts or torch.equal(
+            seq_lens >= self.budgets, self.evicting)
+
     def follows(self, states: list, seq_lens: torch.Tensor, block_table: torch.Tensor) -> bool:
         """Whether a step of rows ``states`` at ``seq_lens`` is this one's next steady step.
         (One token per row is checked by the caller.)"""
-        return (len(states) == len(self.states)
+        return (self.next_evicts_same and len(states) == len(self.states)
                 and all(map(operator.is_, states, self.states))
-                and torch.equal(seq_lens, self.seq_lens + 1)
-                and torch.equal(block_table, self.block_table)
-                and torch.equal(seq_lens - 1 >= self.budgets, self.evicting))
+                and torch.equal(seq_lens, self.next_seq_lens)
+                and torch.equal(block_table, self.block_table))
 
     def advance(self, seq_lens: torch.Tensor, device) -> TovaPhaseMetadata:
         """The phase of the next step (``follows`` holds), without stock metadata."""
@@ -116,7 +125,7 @@ class SteadyStep:
             self.stock_inputs.update(seq_lens=host_to_device(lens, device),
                                      seq_lens_cpu_upper_bound=lens,
                                      max_seq_len=int(lens.max()), slot_mapping=phase.slots)
-        self.seq_lens = seq_lens.clone()
+        self._expect_next(seq_lens)
         return phase
 
 
@@ -125,6 +134,11 @@ class TovaPhasedBuilder:
 
     #: The platform's evictor can evict all layers at once (``Evictor.evict_layers``).
     batches_layers: bool = False
+    #: The stock builder's metadata is a function of its inputs alone, holding nothing a
+    #: step changes but through them: a steady step in which every row evicts has the same
+    #: inputs as the last (seq_lens C + 1, slots, block table: ``SteadyStep.follows``), so
+    #: it keeps the last step's stock metadata instead of building it again.
+    stock_metadata_is_pure: bool = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -209,9 +223,10 @@ class TovaPhasedBuilder:
         phase = steady.advance(seq_lens, cm.slot_mapping.device)
         vllm_slots = cm.slot_mapping[: cm.num_actual_tokens]
         vllm_slots.copy_(phase.slots.to(vllm_slots.dtype))
-        stock = dict(steady.stock_inputs)
-        stock.setdefault("block_table_tensor", cm.block_table_tensor)
-        phase.attention = super().build(common_prefix_len, cm.replace(**stock), fast_build)
+        if not (self.stock_metadata_is_pure and steady.every_row_evicts):
+            stock = dict(steady.stock_inputs)
+            stock.setdefault("block_table_tensor", cm.block_table_tensor)
+            phase.attention = super().build(common_prefix_len, cm.replace(**stock), fast_build)
         self._steady = steady
         return self._step_metadata(cm, [phase], steady.side_state)
 

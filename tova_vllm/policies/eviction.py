@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .registry import PolicyUnit, policy_units
+from .registry import PolicyUnit, policy_unit, policy_units
 
 #: Every policy's name, the default (``tova``) first; scripts and settings list these.
 POLICY_NAMES: tuple[str, ...] = tuple(policy_units())
@@ -44,7 +44,7 @@ class EvictionPolicy:
 
     @property
     def unit(self) -> type[PolicyUnit]:
-        return policy_units()[self.name]
+        return policy_unit(self.name)
 
     @property
     def needs_last_query_probs(self) -> bool:

@@ -79,6 +79,14 @@ def policy_units() -> dict[str, type[PolicyUnit]]:
     return {n: _UNITS[n] for n in order}
 
 
+def policy_unit(name: str) -> type[PolicyUnit]:
+    """The registered policy ``name`` (KeyError when there is none); asked several times
+    per engine step, so without :func:`policy_units`' sorting."""
+    if not _loaded:
+        policy_units()
+    return _UNITS[name]
+
+
 def policy_table() -> str:
     """The README's policy table (a test checks the README holds exactly this)."""
     lines = ["| policy | keeps | side state per cache slot and layer |", "|---|---|---|"]

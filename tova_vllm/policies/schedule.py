@@ -184,6 +184,13 @@ class EvictionSchedule:
                 yield seg_start, pos, evicts
                 seg_start = pos
 
+    def tokens_evicted(self, start: int, num_new: int) -> int:
+        """Tokens dropped while processing [start, start + num_new)."""
+        if num_new == 1 and start >= self.prompt_len:  # a decode token: the common case
+            return int(start >= self.cache_size)
+        return sum(self.live_after(seg_start) + (seg_end - seg_start) - self.cache_size
+                   for seg_start, seg_end, evicts in self.segments(start, num_new) if evicts)
+
     def peak_live(self, start: int, num_new: int) -> int:
         """Most cache positions in use at once while processing [start, start + num_new)."""
         peak = self.live_after(start)

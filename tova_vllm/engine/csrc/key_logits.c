@@ -334,18 +334,73 @@ FUSED(attend_f32, float, load_f32, fast_f32)
 FUSED(attend_bf16, uint16_t, load_bf16, fast_bf16)
 FUSED(attend_f16, _Float16, load_f16, fast_f16)
 
+/* The decode rule over one row's scores (exactly policies.selection.position_to_drop's
+ * choice, no arithmetic): the lowest-scoring of positions 0 .. live - 1, ties to the
+ * highest position; a NaN ranks lowest (torch.argmin), the last NaN when several. */
+static int64_t lowest_position(const void *scores, int f64, int64_t base, int64_t live) {
+    int64_t lowest = -1, last_nan = -1;
+    double best = 0.0;
+    for (int64_t s = 0; s < live; ++s) {
+        const double v = f64 ? ((const double *)scores)[base + s]
+                             : (double)((const float *)scores)[base + s];
+        if (v != v) last_nan = s;
+        else if (lowest < 0 || v <= best) { best = v; lowest = s; }
+    }
+    return last_nan >= 0 ? last_nan : lowest;
+}
+
+/* Row e's decode eviction right after its attention, while its pages are in cache: the
+ * score of each live position is its kv heads' sums added in head order, divided by all
+ * the layer's query heads (TOVA's mean); the lowest one is dropped and the row's last
+ * live position moves into it (K column and V row of every kv head).  ``mean``: scratch
+ * of ``live`` floats.  Writes the two slots (equal when the newest token is dropped). */
+static void evict_row(const job_t *j, int64_t e, const float *scores, int total_q_heads,
+                      float *mean, int64_t *src_slot, int64_t *dst_slot) {
+    const int64_t W = (int64_t)j->per_row * j->bs, live = j->live[e];
+    const int H = j->kv_heads, bs = j->bs, D = j->D;
+    const float *sc = scores + e * H * W;
+    for (int64_t t = 0; t < live; ++t) {
+        float sum = sc[t];
+        for (int h = 1; h < H; ++h) sum += sc[h * W + t];
+        mean[t] = sum / (float)total_q_heads;
+    }
+    const int64_t drop = lowest_position(mean, 0, 0, live), last = live - 1;
+    const int32_t *table = j->table + e * j->per_row;
+    const int64_t from = table[last / bs], from_off = last % bs;
+    const int64_t to = table[drop / bs], to_off = drop % bs;
+    *src_slot = from * bs + from_off;
+    *dst_slot = to * bs + to_off;
+    if (drop == last) return;
+    const int elem = j->dtype == F32 ? 4 : 2;
+    char *pages = (char *)j->pages[0];
+    for (int h = 0; h < H; ++h) {
+        const int64_t head = (int64_t)h * 2 * bs * D;
+        char *a = pages + (from * j->block_elems + head) * elem;
+        char *b = pages + (to * j->block_elems + head) * elem;
+        for (int d = 0; d < D; ++d)  /* K: column from_off of the [D][bs] half page */
+            memcpy(b + ((int64_t)d * bs + to_off) * elem, a + ((int64_t)d * bs + from_off) * elem, elem);
+        memcpy(b + ((int64_t)bs * D + to_off * D) * elem,  /* V: row of the [bs][D] half */
+               a + ((int64_t)bs * D + from_off * D) * elem, (size_t)D * elem);
+    }
+}
+
 /* Decode attention of one layer, one query per row, over the row's first live[e] cache
  * positions (block table [rows, per_row]; K transposed, V rows, bs and D multiples of
  * 16): ``attn`` [rows, kv_heads, group, D] float32, ``scores`` [rows, kv_heads, W] each
  * kv head's sum over its query heads of the softmax weights (0 past live), ``logits``
- * [rows, kv_heads, group, W] scratch.  Returns 0; -1 for an unsupported shape or dtype,
- * -2 for a block id outside the pages or a live length outside 1 .. W. */
+ * [rows, kv_heads, group, W] scratch.  With ``evicts`` ([rows], nonzero: the row is at
+ * its budget and drops one position), each such row then evicts (``evict_row``) into
+ * ``src_slots``/``dst_slots`` [rows] (-1 for the other rows).  Returns 0; -1 for an
+ * unsupported shape or dtype, -2 for a block id outside the pages or a live length
+ * outside 1 .. W. */
 int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int kv_heads,
                           int bs, int D, const int32_t *table, int rows, int per_row,
                           const float *q, int group, float scale, const int32_t *live,
                           float *logits, float *attn, float *scores, int threads,
-                          int num_blocks) {
+                          int num_blocks, const int32_t *evicts, int total_q_heads,
+                          int64_t *src_slots, int64_t *dst_slots) {
     if (dtype < F32 || dtype > F16 || bs % 16 || D % 16 || group < 1) return -1;
+    if (evicts && total_q_heads < 1) return -1;
     for (int64_t i = 0; i < (int64_t)rows * per_row; ++i)
         if (table[i] < 0 || table[i] >= num_blocks) return -2;
     for (int e = 0; e < rows; ++e)
@@ -357,14 +412,28 @@ int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int
     const int64_t work = items * group * per_row * bs * D;
     if (threads < 1 || work < (1 << 20)) threads = 1;
     if (threads > items) threads = (int)items;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int i = 0; i < threads; ++i) {
-        job_t job = base;
-        job.first = items * i / threads;
-        job.last = items * (i + 1) / threads;
-        if (dtype == F32) attend_f32(&job, attn, scores);
-        else if (dtype == BF16) attend_bf16(&job, attn, scores);
-        else attend_f16(&job, attn, scores);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < threads; ++i) {
+            job_t job = base;
+            job.first = items * i / threads;
+            job.last = items * (i + 1) / threads;
+            if (dtype == F32) attend_f32(&job, attn, scores);
+            else if (dtype == BF16) attend_bf16(&job, attn, scores);
+            else attend_f16(&job, attn, scores);
+        }
+        /* (the loop's barrier: every kv head of every row has its scores) */
+        if (evicts) {
+#pragma omp for schedule(static)
+            for (int e = 0; e < rows; ++e) {
+                /* the row's own logits, no longer needed, are the scratch */
+                float *mean = logits + (int64_t)e * kv_heads * group * per_row * bs;
+                src_slots[e] = dst_slots[e] = -1;
+                if (evicts[e]) evict_row(&base, e, scores, total_q_heads, mean, src_slots + e,
+                                         dst_slots + e);
+            }
+        }
     }
     return 0;
 }
@@ -475,15 +544,7 @@ int tova_decode_drop(const void *scores, int f64, int layers, int64_t rows, int6
     for (int l = 0; l < layers; ++l) {
         for (int64_t e = 0; e < rows; ++e) {
             const int64_t base = ((int64_t)l * rows + e) * width;
-            int64_t lowest = -1, last_nan = -1;
-            double best = 0.0;
-            for (int64_t s = 0; s < live[e]; ++s) {
-                const double v = f64 ? ((const double *)scores)[base + s]
-                                     : (double)((const float *)scores)[base + s];
-                if (v != v) last_nan = s;
-                else if (lowest < 0 || v <= best) { best = v; lowest = s; }
-            }
-            const int64_t drop = last_nan >= 0 ? last_nan : lowest;
+            const int64_t drop = lowest_position(scores, f64, base, live[e]);
             dst[(int64_t)l * rows + e] = slots[e * width + drop];
         }
     }
