@@ -67,7 +67,7 @@ def instrument(clock: StageClock) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from tova_vllm.engine import (cpu_evictor, evictor, layer_batch, native,
+    from tova_vllm.engine import (cpu_evictor, evictor, native,
                                   phased_builder, phase_loop)
     from tova_vllm.policies import selection
 
@@ -82,7 +82,9 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(evictor.Evictor, "evict", "tova: evict")
     clock.wrap(cpu_evictor.CpuEvictor, "evict_layers", "tova: evict_layers (all layers at once)")
     # Inside evict_layers (the side state's move is a copy_slots call of its own).
-    clock.wrap(layer_batch, "write_positions", "tova: evict_layers/side state positions")
+    clock.wrap(cpu_evictor, "write_positions", "tova: evict_layers/side state positions")
+    clock.wrap(native, "position_drops",
+               "tova: evict_layers/drops by position (side state written, moved)")
     clock.wrap(cpu_evictor.CpuEvictor, "_layer_tova_scores",
                "tova: evict_layers/TOVA scores from K")
     clock.wrap(cpu_evictor.CpuEvictor, "_layer_policy_scores", "tova: evict_layers/policy scores")

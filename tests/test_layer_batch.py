@@ -56,15 +56,31 @@ def test_evict_layers_equals_layer_by_layer(dtype, block_size, head_size, q_head
 @pytest.mark.parametrize("names", [
     ("window", "tova", "sink_window", "tova", "window", "sink_window"),
     ("sink_window",) * 6,  # one group: the batch takes every row without gathers
+    # Position rules only: drops chosen from the side state's positions, in C.
+    ("window", "sink_window", "sink_window", "window", "window", "sink_window"),
 ])
 def test_evict_layers_with_policy_groups_equals_layer_by_layer(
-        dtype, block_size, head_size, q_heads, kv_heads, num_layers, names, k_reader):
+        dtype, block_size, head_size, q_heads, kv_heads, num_layers, names, k_reader,
+        monkeypatch):
     """Rows of TOVA, ``window`` and ``sink_window`` in one batch: every layer's cache and
     side-state positions end exactly as evicting layer by layer through the general path
     leaves them (accumulated attention is not kept by a batched step: none of its rows
-    accumulates, and a slot's is reset when an accumulating request writes it)."""
+    accumulates, and a slot's is reset when an accumulating request writes it).  The
+    batch writes the new tokens' positions itself (``new_positions``); when every row's
+    policy has a position rule it picks the drops from positions alone."""
+    from tova_vllm.engine import native
     from tova_vllm.engine.side_state import SlotSideState, group_rows
     from tova_vllm.policies import EvictionPolicy
+
+    by_position = []
+    original_drops = native.position_drops
+
+    def spy(*args):
+        moves = original_drops(*args)
+        by_position.append(moves is not None)
+        return moves
+
+    monkeypatch.setattr(native, "position_drops", spy)
 
     gen = torch.Generator().manual_seed(block_size * 10 + head_size + num_layers)
     budgets = [7, 40, 2 * block_size, 9, 40, 12]
@@ -83,6 +99,12 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
         side.accumulated.uniform_(generator=gen)
         sides.append(side)
     groups = group_rows(policies, torch.device("cpu"))
+    # The new tokens sit at each row's last live position; their positions are the
+    # batch's to write (garbage there until it does).
+    new_slots = ev.slots[torch.arange(len(budgets)), ev.live.long() - 1]
+    new_positions = sides[0].positions[new_slots].long() + 60
+    for side in sides:
+        side.positions[new_slots] = new_positions.to(torch.int32)
 
     expected_caches = [c.clone() for c in caches]
     expected_sides = [(s.positions.clone(), s.accumulated.clone()) for s in sides]
@@ -91,7 +113,12 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
         side.positions, side.accumulated = expected_sides[layer]
         evictor.evict(queries[layer], expected_caches[layer], ev, groups=groups, side=side)
     original = [c.clone() for c in caches]
-    evictor.evict_layers(queries, caches, ev, groups, sides)
+    for side in sides:
+        side.positions[new_slots] = -7
+    evictor.evict_layers(queries, caches, ev, groups, sides,
+                         new_positions=(new_slots, new_positions))
+    # (Without the library, ``k_reader`` "torch copy", the general path runs.)
+    assert by_position == ([native.library() is not None] if "tova" not in names else [])
     for layer in range(num_layers):
         assert torch.equal(caches[layer], expected_caches[layer]), f"layer {layer}"
         assert not torch.equal(caches[layer], original[layer]), f"layer {layer}: nothing moved"
@@ -101,7 +128,7 @@ def test_evict_layers_with_policy_groups_equals_layer_by_layer(
 def test_layer_batch_writes_every_layers_side_state_positions(k_reader):
     """The batch writes the new slots' positions into every layer's side state before it
     evicts (the layers themselves do not, in a batched step)."""
-    from tova_vllm.engine.layer_batch import write_positions
+    from tova_vllm.engine.side_state import write_positions
     from tova_vllm.engine.side_state import SlotSideState
 
     sides = [SlotSideState(50, torch.device("cpu")) for _ in range(3)]
@@ -122,7 +149,8 @@ class _CountingEvictor:
     def __init__(self):
         self.calls = []
 
-    def evict_layers(self, queries, caches, ev, groups=None, sides=None, scores=None):
+    def evict_layers(self, queries, caches, ev, groups=None, sides=None, scores=None,
+                     new_positions=None):
         self.calls.append((list(queries), list(caches)))
 
 
@@ -154,10 +182,10 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     calls, scored = [], []  # per batched step: policy groups given / scores from attention
     original = CpuEvictor.evict_layers
 
-    def spy(self, queries, caches, ev, groups=None, sides=None, scores=None):
+    def spy(self, queries, caches, ev, groups=None, sides=None, **kw):
         calls.append(groups is not None)
-        scored.append(scores is not None)
-        return original(self, queries, caches, ev, groups, sides, scores=scores)
+        scored.append(kw.get("scores") is not None)
+        return original(self, queries, caches, ev, groups, sides, **kw)
 
     in_attention = []  # per batched step: every layer's attention evicted its rows
     original_add = LayerBatch.add
@@ -191,17 +219,30 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
 
 def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeypatch):
     """Steps whose rows are all `window` / `sink_window` (scores from positions alone)
-    batch without gathering any layer's queries, and still equal the reference."""
+    batch without gathering any layer's queries, pick every drop from the side state's
+    positions (``native.position_drops``, no keep scores), and still equal the
+    reference."""
     from engine_harness import Req, random_prompts, run_equals_reference
 
-    handed = []  # per batched step: whether each layer handed over queries
-    original = CpuEvictor.evict_layers
+    from tova_vllm.engine import native
 
-    def spy(self, queries, caches, ev, groups=None, sides=None, scores=None):
+    handed = []  # per batched step: whether each layer handed over queries
+    by_position = []  # per batched step: drops chosen from positions in C
+    original = CpuEvictor.evict_layers
+    original_drops = native.position_drops
+
+    def spy(self, queries, caches, ev, groups=None, sides=None, **kw):
         handed.append([q is not None for q in queries])
-        return original(self, queries, caches, ev, groups, sides, scores=scores)
+        return original(self, queries, caches, ev, groups, sides, **kw)
+
+    def spy_drops(*args):
+        moves = original_drops(*args)
+        by_position.append(moves is not None)
+        return moves
 
     monkeypatch.setattr(CpuEvictor, "evict_layers", spy)
+    monkeypatch.setattr(CpuEvictor, "_layer_policy_scores", None)  # never scored
+    monkeypatch.setattr(native, "position_drops", spy_drops)
     prompts = random_prompts([5, 30, 90, 40], seed=5)
     extra = [{"tova_policy": "window"}, {"tova_policy": "sink_window", "tova_cache_size": 20},
              {"tova_policy": "sink_window"}, {"tova_policy": "window", "tova_cache_size": 24}]
@@ -209,3 +250,4 @@ def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeyp
     run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests,
                          {"cache_size": 32})
     assert handed and not any(any(step) for step in handed)
+    assert by_position == [True] * len(handed)

@@ -13,7 +13,8 @@ against plain torch.
   layout and in synthetic ones, for 4-, 2- and 1-byte elements;
 * bad block ids and slots raise instead of reading out of bounds;
 * the decode rule's choice in C (``decode_drops``) is ``position_to_drop``'s, ties, NaN
-  and ragged rows included;
+  and ragged rows included; so is ``position_drops``' from the position rules' keep
+  scores, with its side-state writes and moves;
 * ``CpuEvictor`` on the same cache drops and moves the same tokens with the library on
   and off, and steady decode's layer batch reads K in place (no block copy) when it is on.
 """
@@ -250,6 +251,64 @@ def test_decode_drops_equal_position_to_drop(dtype, layers, rows, width, values)
     rows_ids = torch.arange(rows)
     assert torch.equal(src, slots[rows_ids, live.long() - 1])
     assert torch.equal(dst, slots[rows_ids.expand(layers, rows), drop])
+
+
+@pytest.mark.parametrize("layers,rows,width", [(1, 1, 2), (2, 5, 17), (3, 8, 65), (30, 16, 66)])
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_position_drops_equal_the_rules_keep_scores(layers, rows, width, values):
+    """``position_drops`` (new positions written, drops chosen, side state moved, all in
+    C) leaves the same arrays and gives the same moves as: write, then the rule's keep
+    scores through ``position_to_drop``, then the moves in torch."""
+    from tova_vllm.policies.registry import NO_POSITION_PROTECTED, PROTECTED
+
+    gen = torch.Generator().manual_seed(layers * 100 + rows + width)
+    size = rows * width * 2 + 1
+    high = 5 if values == "ties" else 2**20  # few distinct positions: equal lowest keys
+    arrays = [torch.randint(-3, high, (size,), generator=gen, dtype=torch.int32)
+              for _ in range(layers)]
+    live = torch.randint(1, width + 1, (rows,), generator=gen).to(torch.int32)
+    live[0] = width
+    slots = torch.randperm(size - 1, generator=gen)[: rows * width].view(rows, width)
+    protect = torch.randint(-2, 7, (rows,), generator=gen)
+    protect[::3] = NO_POSITION_PROTECTED
+    new_slots = slots[torch.arange(rows), live.long() - 1]
+    new_positions = torch.randint(0, high, (rows,), generator=gen)
+
+    want = [a.clone() for a in arrays]
+    for a in want:
+        a[new_slots] = new_positions.to(torch.int32)
+    positions = torch.stack([a[slots] for a in want]).long()
+    scores = positions.double() + (positions < protect.view(1, -1, 1)).double() * PROTECTED
+    padding = torch.arange(width).unsqueeze(0) >= live.unsqueeze(1)
+    drop = position_to_drop(scores, live, padding)
+    row_ids = torch.arange(rows)
+    want_src = slots[row_ids, live.long() - 1]
+    want_dst = slots[row_ids.expand(layers, rows), drop]
+    for a, dst in zip(want, want_dst):
+        a[dst] = a[want_src]
+
+    src, dst = native.position_drops(arrays, live, slots, protect, new_slots, new_positions)
+    assert torch.equal(src, want_src) and torch.equal(dst, want_dst)
+    for got, w in zip(arrays, want):
+        assert torch.equal(got, w)
+    assert (dst != src).any()  # some row moved
+
+
+def test_position_drops_reject_bad_slots_and_write_nothing():
+    arrays = [torch.arange(10, dtype=torch.int32) for _ in range(2)]
+    before = [a.clone() for a in arrays]
+    slots = torch.tensor([[0, 3, 5]])
+    for bad in (dict(live=torch.tensor([0])), dict(live=torch.tensor([4])),
+                dict(slots=torch.tensor([[0, 10, 5]])), dict(new_slots=torch.tensor([-1]))):
+        args = dict(live=torch.tensor([3]), slots=slots, new_slots=torch.tensor([5]))
+        args.update(bad)
+        with pytest.raises(IndexError):
+            native.position_drops(arrays, args["live"], args["slots"], torch.tensor([0]),
+                                  args["new_slots"], torch.tensor([7]))
+        assert all(torch.equal(a, b) for a, b in zip(arrays, before))
+    with pytest.raises(ValueError):
+        native.position_drops(arrays, torch.tensor([3, 3]), slots, torch.tensor([0]),
+                              torch.tensor([5]), torch.tensor([7]))
 
 
 def test_decode_drops_reject_bad_live_and_shapes():

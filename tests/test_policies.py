@@ -413,6 +413,36 @@ def test_window_decode_rule_drops_the_oldest():
     assert position_to_drop(scores, torch.tensor([5, 3])).tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("sinks", [0, 1, 4, 17])
+def test_position_rules_are_the_policies_keep_scores(sinks):
+    """A policy that declares a position rule (the mechanism then picks drops from
+    positions without its keep scores) scores exactly ``positions + PROTECTED *
+    (positions < rule)``, int32 extremes and negative positions included."""
+    from tova_vllm.policies import POLICY_NAMES, EvictionPolicy
+    from tova_vllm.policies.registry import PROTECTED
+
+    gen = torch.Generator().manual_seed(sinks)
+    positions = torch.cat([
+        torch.randint(-40, 2**20, (3, 50), generator=gen, dtype=torch.int32),
+        torch.tensor([[-2**31, 2**31 - 1, -1, 0] + list(range(sinks - 2, sinks + 44))],
+                     dtype=torch.int32)])
+    declared = []
+    for name in POLICY_NAMES:
+        policy = EvictionPolicy(name, sinks=sinks)
+        rule = policy.position_rule
+        if rule is None:
+            continue
+        declared.append(name)
+        inputs = {need: torch.rand(positions.shape, generator=gen)
+                  for need in ("last_query_probs", "accumulated")}
+        got = policy.keep_scores(cache_size=torch.full((4,), 30),
+                                 query_position=torch.full((4,), 2**31 - 1),
+                                 positions=positions, **inputs)
+        want = positions.double() + (positions.long() < rule).double() * PROTECTED
+        assert torch.equal(got.double(), want), name
+    assert {"window", "sink_window"} <= set(declared)
+
+
 def test_policy_validation():
     from tova_vllm.policies import EvictionPolicy
 

@@ -16,6 +16,7 @@ from .cpu_layout import PageLayout, probe_page_layout
 from .evictor import AllReduce, Evictor
 from . import native
 from .plan import EvictionBatch, QueryBatch
+from .side_state import position_protect, write_positions
 
 
 class CpuEvictor(Evictor):
@@ -73,8 +74,34 @@ class CpuEvictor(Evictor):
                                        self.scale, seq_lens, out, scores, logits, evictions)
 
     def evict_layers(self, queries, kv_caches, ev: EvictionBatch, groups=None,
-                     sides=None, scores=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     sides=None, scores=None, new_positions=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         pages = kv_caches[0]
+        num_layers, rows = len(kv_caches), ev.block_ids.shape[0]
+        moves = None
+        if new_positions is not None:
+            protect = None if groups is None else position_protect(groups, rows)
+            if protect is not None:  # choice and side-state moves from positions alone
+                moves = native.position_drops([side.positions for side in sides], ev.live,
+                                              ev.slots, protect, *new_positions)
+            if moves is None:
+                write_positions(sides, *new_positions)
+        if moves is None:
+            moves = self._choose_by_scores(queries, kv_caches, ev, groups, sides, scores)
+        src, dst = moves
+        elements = self._elements(pages)
+        if not native.copy_slots(kv_caches, elements, src, dst):
+            src_index = slot_index(elements, src, pages)
+            dst_index = slot_index(elements, dst, pages)
+            for layer, layer_pages in enumerate(kv_caches):
+                flat = layer_pages.view(-1)
+                flat[dst_index[layer]] = flat[src_index]
+        return src, dst
+
+    def _choose_by_scores(self, queries, kv_caches, ev: EvictionBatch, groups, sides, scores
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``evict_layers``' drops from scores, and the side states' moves: ``(src [E],
+        dst [L, E])``."""
         num_layers, rows = len(kv_caches), ev.block_ids.shape[0]
         # Layer l's row e is row l * E + e of one batch of L * E rows.
         if scores is not None:
@@ -94,17 +121,9 @@ class CpuEvictor(Evictor):
             row_ids = torch.arange(rows)
             moves = (ev.slots[row_ids, ev.live.long() - 1],
                      ev.slots[row_ids.expand(num_layers, rows), drop])
-        src, dst = moves
         if groups is not None:
-            _move_side_states(sides, src, dst)
-        elements = self._elements(pages)
-        if not native.copy_slots(kv_caches, elements, src, dst):
-            src_index = slot_index(elements, src, pages)
-            dst_index = slot_index(elements, dst, pages)
-            for layer, layer_pages in enumerate(kv_caches):
-                flat = layer_pages.view(-1)
-                flat[dst_index[layer]] = flat[src_index]
-        return src, dst
+            _move_side_states(sides, *moves)
+        return moves
 
     def _layer_tova_scores(self, queries, kv_caches, block_table, live, padding):
         """TOVA's scores ``[L * E, S]`` of rows whose queries are ``queries[l]`` in layer

@@ -132,7 +132,8 @@ class Evictor:
     def evict_layers(self, queries: list[torch.Tensor], kv_caches: list, ev: EvictionBatch,
                      groups: Optional[PolicyGroups] = None,
                      sides: Optional[list[Optional[SlotSideState]]] = None,
-                     scores: Optional[torch.Tensor] = None
+                     scores: Optional[torch.Tensor] = None,
+                     new_positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Steady decode's eviction of every layer of a step at once (``layer_batch.py``):
         ``queries[l]`` ``[E, q_heads, D]`` are the eviction rows' last queries in layer l,
@@ -140,6 +141,8 @@ class Evictor:
         token, by TOVA's score (``groups`` None) or by its group's policy (none of which
         accumulates).  ``scores``: ``[L, E, kv_heads, W]`` TOVA's head-summed weights as
         the layers' attention gave them (``attend_and_score``), instead of the queries.
+        ``new_positions``: ``(slots, positions)`` of the step's new tokens, written into
+        every layer's side state first (the layers of a batched step do not write them).
         Returns the moves' slots ``(src [E], dst [L, E])``.  Only platforms whose builder
         sets ``batches_layers`` are asked."""
         raise NotImplementedError

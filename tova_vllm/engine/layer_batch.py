@@ -22,7 +22,6 @@ from typing import Any, Optional
 
 import torch
 
-from . import native
 from .plan import EvictionBatch
 from .side_state import PolicyGroups
 
@@ -39,7 +38,8 @@ class LayerBatch:
     groups: Optional[PolicyGroups] = None
     sides: list[Any] = field(default_factory=list)  # each layer's SlotSideState, or None
     #: ``(slots, positions)`` of the step's new tokens when side state is kept: written
-    #: into every layer's side state here, at once, instead of by each layer (nothing
+    #: into every layer's side state by the step's eviction, at once, instead of by each
+    #: layer (nothing
     #: reads it before the eviction; no row of a batched step accumulates attention, so
     #: only the positions are kept up to date).
     side_writes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -114,14 +114,12 @@ class LayerBatch:
                 rows = self.evictions.rows
                 self.moves = (src[0, rows], dst[:, rows])
             else:
-                if self.side_writes is not None:
-                    write_positions(self.sides, *self.side_writes)
                 scores = self.scores
                 if scores is not None and scores.shape[1] != self.evictions.rows.numel():
                     scores = scores[:, self.evictions.rows]  # growing rows attended too
-                self.moves = self.evictor.evict_layers(self.queries, self.caches,
-                                                       self.evictions, self.groups,
-                                                       self.sides, scores=scores)
+                self.moves = self.evictor.evict_layers(
+                    self.queries, self.caches, self.evictions, self.groups, self.sides,
+                    scores=scores, new_positions=self.side_writes)
             self.done = True
             self.caches, self.queries, self.sides = [], [], []
 
@@ -133,12 +131,3 @@ class LayerBatch:
                 "group attended in the last step, so its batched eviction never ran; "
                 "set TOVA_VLLM_LAYER_BATCH=0 to evict layer by layer and report this")
 
-
-def write_positions(sides, slots: torch.Tensor, positions: torch.Tensor) -> None:
-    """Every layer's side state records the logical positions of the new slots."""
-    if any(side is None for side in sides):
-        raise RuntimeError("tova-vllm: a layer of a step with side state has none")
-    arrays = [side.positions for side in sides]
-    if not native.scatter_positions(arrays, slots, positions):
-        for array in arrays:
-            array[slots] = positions.to(array.dtype)

@@ -117,6 +117,12 @@ def library() -> Optional[ctypes.CDLL]:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p]
+    fn = lib.tova_position_drop
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p]
     return lib
 
 
@@ -365,3 +371,40 @@ def scatter_positions(arrays: list[torch.Tensor], slots: torch.Tensor,
                             slots.numel(), arrays[0].numel()) != 0:
         raise IndexError(f"tova-vllm: slots outside 0..{arrays[0].numel() - 1}")
     return True
+
+
+def position_drops(arrays: list[torch.Tensor], live: torch.Tensor, slots: torch.Tensor,
+                   protect: torch.Tensor, new_slots: torch.Tensor, new_positions: torch.Tensor
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Steady decode's choice and side-state moves for rows under position rules
+    (``PolicyUnit.position_rule``), every layer at once, without scores: writes the new
+    slots' positions into every int32 array (each layer's side-state positions), picks
+    each row's drop in each layer as ``decode_drops`` would from the rule's keep scores
+    (``positions + PROTECTED * (positions < protect[e])``) and moves the side state's
+    positions.  Returns ``(src [E], dst [L, E])`` as ``decode_drops`` does, for the caller
+    to move K and V; None without the library (nothing written)."""
+    lib = library()
+    if lib is None or arrays[0].dtype != torch.int32:
+        return None
+    readable, pointers = _checked(arrays)
+    if not readable:
+        return None
+    rows, width = slots.shape
+    if tuple(live.shape) != (rows,) or tuple(protect.shape) != (rows,):
+        raise ValueError(f"tova-vllm: live {tuple(live.shape)}, protect "
+                         f"{tuple(protect.shape)} and slots {tuple(slots.shape)} disagree")
+    live = live.to(torch.int32).contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    protect = protect.to(torch.int64).contiguous()
+    new_slots = new_slots.to(torch.int64).contiguous()
+    new_positions = new_positions.to(torch.int64).contiguous()
+    src = torch.empty(rows, dtype=torch.int64)
+    dst = torch.empty(len(arrays), rows, dtype=torch.int64)
+    size = arrays[0].numel()
+    if lib.tova_position_drop(pointers, len(arrays), size, rows, width, live.data_ptr(),
+                              slots.data_ptr(), protect.data_ptr(), new_slots.data_ptr(),
+                              new_positions.data_ptr(), new_slots.numel(), src.data_ptr(),
+                              dst.data_ptr()) != 0:
+        raise IndexError(f"tova-vllm: live lengths outside 1..{width} or slots outside "
+                         f"0..{size - 1}")
+    return src, dst

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..policies import EvictionPolicy
+from . import native
 from .device_copy import host_to_device
 
 
@@ -84,6 +85,20 @@ def group_rows(policies: list[EvictionPolicy], device: torch.device) -> PolicyGr
             for policy, rows in members.items()]
 
 
+def position_protect(groups: PolicyGroups, rows: int) -> Optional[torch.Tensor]:
+    """``[rows]`` int64: each eviction row's ``position_rule`` (its keep score is its
+    positions' plus PROTECTED below that), when every group's policy has one; else None."""
+    rules = [policy.position_rule for policy, _ in groups]
+    if any(rule is None for rule in rules):
+        return None
+    if len(rules) == 1:
+        return torch.full((rows,), rules[0], dtype=torch.int64)
+    protect = torch.empty(rows, dtype=torch.int64)
+    for rule, (_, members) in zip(rules, groups):
+        protect[members.cpu()] = rule
+    return protect
+
+
 def policy_keep_scores(
     groups: PolicyGroups,
     slot_ids: torch.Tensor,
@@ -112,3 +127,13 @@ def policy_keep_scores(
             cache_size=cache_size[rows], query_position=query_position[rows], **inputs
         ).double()
     return scores
+
+
+def write_positions(sides, slots: torch.Tensor, positions: torch.Tensor) -> None:
+    """Every layer's side state records the logical positions of the new slots."""
+    if any(side is None for side in sides):
+        raise RuntimeError("tova-vllm: a layer of a step with side state has none")
+    arrays = [side.positions for side in sides]
+    if not native.scatter_positions(arrays, slots, positions):
+        for array in arrays:
+            array[slots] = positions.to(array.dtype)

@@ -60,6 +60,11 @@ class EvictionPolicy:
     def needs_accumulated(self) -> bool:
         return "accumulated" in self.unit.needs
 
+    @property
+    def position_rule(self) -> Optional[int]:
+        """See :meth:`~tova_vllm.policies.registry.PolicyUnit.position_rule`."""
+        return self.unit.position_rule(self)
+
     def check_budget(self, cache_size: int) -> None:
         """Raise ValueError when the policy cannot run with this budget."""
         self.unit.check_budget(self, cache_size)

@@ -29,6 +29,8 @@ DEFAULT_POLICY = "tova"
 # Protected positions (sinks, H2O's recent window) score above anything a real score
 # reaches: attention sums are at most the number of queries, positions far below 2**40.
 PROTECTED = float(2**40)
+#: Below every int32 logical position: a position rule that protects nothing.
+NO_POSITION_PROTECTED = -(2**31)
 
 
 class PolicyUnit:
@@ -54,6 +56,15 @@ class PolicyUnit:
     @staticmethod
     def check_budget(params, cache_size: int) -> None:
         """Raise ValueError when the policy cannot run with this budget."""
+
+    @staticmethod
+    def position_rule(params) -> Optional[int]:
+        """``n`` when the keep score is exactly ``positions + PROTECTED * (positions <
+        n)`` (keep the newest tokens, and every one below position n): the mechanism may
+        then pick decode drops from the positions alone, without computing scores (a test
+        holds every unit's claim against its :meth:`keep_scores`).  None: any other
+        score."""
+        return None
 
     @staticmethod
     def keep_scores(params, *, cache_size: torch.Tensor, query_position: torch.Tensor,

@@ -562,3 +562,46 @@ int tova_scatter_i32(int32_t *const *arrays, int n_arrays, const int64_t *index,
         for (int64_t i = 0; i < n; ++i) arrays[a][index[i]] = (int32_t)values[i];
     return 0;
 }
+
+/* Steady decode's eviction for position rules (policies.registry.PolicyUnit.
+ * position_rule: keep score = logical position, plus 2**40 below the row's protect[e]),
+ * in L layers' side-state positions at once, with no scores: the new slots' positions
+ * are written first (new_slots / new_positions, n_new), then row e of layer l drops its
+ * live cache position of lowest key (ties: the highest position, as lowest_position) and
+ * (once every row has chosen) the position held by its last live slot moves into the
+ * dropped slot.  Keys are exact
+ * in int64, as the rule's fp64 scores are.  positions[l]: int32 [size]; slots [E][width];
+ * writes src [E] and dst [L][E] as tova_decode_drop does.  Returns -2, having written
+ * nothing, for a live length outside 1 .. width or a slot outside 0 .. size - 1. */
+int tova_position_drop(int32_t *const *positions, int layers, int64_t size, int64_t rows,
+                       int64_t width, const int32_t *live, const int64_t *slots,
+                       const int64_t *protect, const int64_t *new_slots,
+                       const int64_t *new_positions, int64_t n_new, int64_t *src,
+                       int64_t *dst) {
+    for (int64_t e = 0; e < rows; ++e) {
+        if (live[e] < 1 || live[e] > width) return -2;
+        for (int64_t s = 0; s < live[e]; ++s)
+            if (slots[e * width + s] < 0 || slots[e * width + s] >= size) return -2;
+    }
+    for (int64_t i = 0; i < n_new; ++i)
+        if (new_slots[i] < 0 || new_slots[i] >= size) return -2;
+    for (int64_t e = 0; e < rows; ++e) src[e] = slots[e * width + live[e] - 1];
+    const int64_t protected_key = (int64_t)1 << 40;
+    for (int l = 0; l < layers; ++l) {
+        int32_t *pos = positions[l];
+        for (int64_t i = 0; i < n_new; ++i) pos[new_slots[i]] = (int32_t)new_positions[i];
+        for (int64_t e = 0; e < rows; ++e) {
+            const int64_t *row = slots + e * width;
+            int64_t lowest = 0, best = 0;
+            for (int64_t s = 0; s < live[e]; ++s) {
+                const int64_t p = pos[row[s]];
+                const int64_t key = p + (p < protect[e] ? protected_key : 0);
+                if (s == 0 || key <= best) { best = key; lowest = s; }
+            }
+            dst[(int64_t)l * rows + e] = row[lowest];
+        }
+        /* Every row chooses before any moves, as scores taken first would have it. */
+        for (int64_t e = 0; e < rows; ++e) pos[dst[(int64_t)l * rows + e]] = pos[src[e]];
+    }
+    return 0;
+}

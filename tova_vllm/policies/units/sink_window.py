@@ -22,3 +22,7 @@ class SinkWindow(PolicyUnit):
     @staticmethod
     def keep_scores(params, *, positions, **_):
         return positions.double() + (positions < params.sinks).double() * PROTECTED
+
+    @staticmethod
+    def position_rule(params):
+        return params.sinks

@@ -1,6 +1,6 @@
 """The paper's window baseline: the most recent tokens."""
 
-from ..registry import PolicyUnit
+from ..registry import NO_POSITION_PROTECTED, PolicyUnit
 
 
 class Window(PolicyUnit):
@@ -12,3 +12,7 @@ class Window(PolicyUnit):
     @staticmethod
     def keep_scores(params, *, positions, **_):
         return positions.double()
+
+    @staticmethod
+    def position_rule(params):
+        return NO_POSITION_PROTECTED
