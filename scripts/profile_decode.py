@@ -97,12 +97,15 @@ def instrument(clock: StageClock) -> None:
     del selection
 
 
+MAX_MODEL_LEN = 1024
+
+
 def profile(model_dir, tova, prompts, steps: int, torch_profile: bool, clock: StageClock,
             prefix_caching: bool = True):
     from engine_harness import make_llm, shutdown
     from vllm import SamplingParams
 
-    llm = make_llm(model_dir, tova, block_size=32, num_blocks=4096, max_model_len=1024,
+    llm = make_llm(model_dir, tova, block_size=32, num_blocks=4096, max_model_len=MAX_MODEL_LEN,
                    max_num_batched_tokens=4096, max_num_seqs=256,
                    enable_prefix_caching=prefix_caching)
     engine = llm.llm_engine
@@ -150,6 +153,10 @@ def main() -> None:
                              "steps (a 2-core machine drifts between back-to-back runs)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="every engine without prefix caching (TOVA evicts in place)")
+    parser.add_argument("--no-eviction", action="store_true",
+                        help="also TOVA with a budget no request reaches (C = the model "
+                             "length): the plugin's cost when it evicts nothing, on "
+                             "vanilla's exact workload")
     args = parser.parse_args()
 
     from bench_engine import real_text_prompts
@@ -163,6 +170,8 @@ def main() -> None:
     instrument(clock)
     engines = [("vanilla", None)] + [
         (p, {"cache_size": args.cache_size, "policy": p}) for p in args.policies.split(",")]
+    if args.no_eviction:
+        engines.append(("tova C>=len", {"cache_size": MAX_MODEL_LEN}))
     times = {name: [] for name, _ in engines}
     stage_steps = {name: [] for name, _ in engines}
     with tempfile.TemporaryDirectory() as tmp:
