@@ -6,6 +6,8 @@ by layer, and in the engine against the reference.
   block sizes, head shapes (both CPU ISAs), budgets that differ per row, and layer counts;
 * ``LayerBatch`` runs the eviction when its last layer arrives, refuses a layer after
   that, and a step that never saw all its layers fails when the next step is built;
+* rows whose policies all have a position rule (``window``, ``sink_window``) take their
+  drops from the side state's positions in one C call, with the same result;
 * in the engine, steady decode goes through the batch (counted) and the tokens equal the
   plain-PyTorch reference, with the batch on and off.
 """

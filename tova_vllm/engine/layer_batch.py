@@ -39,9 +39,8 @@ class LayerBatch:
     sides: list[Any] = field(default_factory=list)  # each layer's SlotSideState, or None
     #: ``(slots, positions)`` of the step's new tokens when side state is kept: written
     #: into every layer's side state by the step's eviction, at once, instead of by each
-    #: layer (nothing
-    #: reads it before the eviction; no row of a batched step accumulates attention, so
-    #: only the positions are kept up to date).
+    #: layer (nothing reads it before the eviction; no row of a batched step accumulates
+    #: attention, so only the positions are kept up to date).
     side_writes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     #: Every row is TOVA's, the step is decode only and each eviction row attends exactly
     #: the positions it scores (``TovaPhaseMetadata.scored_by_attention``): a platform's
