@@ -273,6 +273,90 @@ def test_attention_evicts_rows_by_the_rule(dtype, block_size, head_size, q_heads
             assert drop[2] == 3  # positions 1 and 3 tie lowest: the higher goes
 
 
+@pytest.mark.parametrize("dtype,block_size,head_size,q_heads,kv_heads,live", GRID)
+@pytest.mark.parametrize("values", ("distinct", "ties"))
+def test_attention_evicts_rows_by_their_position_rule(dtype, block_size, head_size, q_heads,
+                                                      kv_heads, live, values):
+    """``RowEvictions`` with the layer's side-state positions: the kernel writes the new
+    positions, then each marked row drops what ``position_drops`` (the step-end path)
+    drops, and pages and side state end as that path plus ``copy_slots`` leaves them;
+    the output and scores are those of the kernel without eviction."""
+    from tova_vllm.policies.registry import NO_POSITION_PROTECTED
+
+    isa, layout, pages, table, query, keys, _ = _case(
+        dtype, block_size, head_size, q_heads, kv_heads, live, seed=5)
+    rows, per_row = table.shape
+    gen = torch.Generator().manual_seed(rows * 10 + block_size)
+    evicts = torch.tensor([e % 2 == 0 or e == rows - 1 for e in range(rows)],
+                          dtype=torch.int32)
+    scale = head_size ** -0.5
+    width = per_row * block_size
+    size = pages.shape[0] * block_size + 1  # one spare entry, as SlotSideState has
+    high = 4 if values == "ties" else 2**20
+    positions = torch.randint(-2, high, (size,), generator=gen, dtype=torch.int32)
+    protect = torch.randint(-1, 6, (rows,), generator=gen)
+    protect[1::3] = NO_POSITION_PROTECTED
+    slots = (table.long().repeat_interleave(block_size, 1) * block_size
+             + torch.arange(width) % block_size)
+    live_t = torch.tensor(live, dtype=torch.int32)
+    new_slots = slots[torch.arange(rows), live_t.long() - 1]
+    new_positions = torch.randint(0, high, (rows,), generator=gen)
+    before, side_before = pages.clone(), positions.clone()
+    out, scores = _fused(layout, pages, table, query, live, scale)
+
+    # The step-end path over the evicting rows.
+    marked = evicts.bool()
+    expected, expected_side = before.clone(), side_before.clone()
+    expected_side[new_slots[~marked]] = new_positions[~marked].to(torch.int32)
+    src_want, dst_want = native.position_drops(
+        [expected_side], live_t[marked], slots[marked], protect[marked], new_slots[marked],
+        new_positions[marked])
+    copy_slots(expected, slot_elements(layout, kv_heads), src_want, dst_want[0])
+
+    src, dst = torch.full((rows,), 7, dtype=torch.int64), torch.full((rows,), 7,
+                                                                      dtype=torch.int64)
+    out2 = torch.empty_like(query)
+    scores2 = torch.full_like(scores, float("nan"))
+    assert native.decode_attention(
+        pages, layout, table, query, scale, live_t, out2, scores2,
+        torch.empty(rows * q_heads * width),
+        native.RowEvictions(evicts, q_heads, src, dst, positions=positions,
+                            protect=protect, new_slots=new_slots,
+                            new_positions=new_positions))
+    assert torch.equal(out2, out) and torch.equal(scores2, scores)
+    assert torch.equal(src[marked], src_want) and torch.equal(dst[marked], dst_want[0])
+    assert (src[~marked] == -1).all() and (dst[~marked] == -1).all()
+    assert torch.equal(positions, expected_side)
+    assert torch.equal(pages, expected)
+    if values == "distinct":
+        assert (src[marked] != dst[marked]).any()  # something moved
+
+
+def test_position_evictions_refuse_a_short_side_state():
+    isa, layout, pages, table, query, keys, _ = _case(
+        torch.float32, 16, 64, 4, 2, [20, 9], seed=1)
+    rows, per_row = table.shape
+    width = per_row * 16
+    args = (pages, layout, table, query, 0.125, torch.tensor([20, 9], dtype=torch.int32),
+            torch.empty_like(query), torch.empty(rows, 2, width),
+            torch.empty(rows * 4 * width))
+
+    def evictions(size, new_slot):
+        return native.RowEvictions(
+            torch.ones(rows, dtype=torch.int32), 4, torch.empty(rows, dtype=torch.int64),
+            torch.empty(rows, dtype=torch.int64),
+            positions=torch.zeros(size, dtype=torch.int32),
+            protect=torch.zeros(rows, dtype=torch.int64),
+            new_slots=torch.tensor([new_slot]), new_positions=torch.tensor([3]))
+
+    full = pages.shape[0] * 16
+    with pytest.raises(IndexError):
+        native.decode_attention(*args, evictions(full - 1, 0))
+    with pytest.raises(IndexError):
+        native.decode_attention(*args, evictions(full, full))
+    assert native.decode_attention(*args, evictions(full, full - 1))
+
+
 def _make_ties(isa, pages, table, query, keys, live, block_size):
     """Row 0: every key equal.  Row 2 (if long enough): keys 1 and 3 equal and far below
     the others for every query head (so they tie as the lowest)."""

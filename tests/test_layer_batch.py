@@ -219,19 +219,25 @@ def test_engine_decode_through_the_layer_batch_equals_reference(tiny_models, hf_
     assert len(in_attention) == len(calls) + sum(in_attention)
 
 
-def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeypatch):
+@pytest.mark.parametrize("attention", ["1", "0"])
+def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeypatch,
+                                                 attention):
     """Steps whose rows are all `window` / `sink_window` (scores from positions alone)
-    batch without gathering any layer's queries, pick every drop from the side state's
-    positions (``native.position_drops``, no keep scores), and still equal the
-    reference."""
+    batch without gathering any layer's queries and pick every drop from the side state's
+    positions, never from keep scores: in each layer's attention call (``native.
+    RowEvictions`` with positions), or with ``TOVA_VLLM_ATTENTION_SCORES=0`` at the step's
+    end (``native.position_drops``); the tokens equal the reference either way."""
     from engine_harness import Req, random_prompts, run_equals_reference
 
     from tova_vllm.engine import native
 
-    handed = []  # per batched step: whether each layer handed over queries
-    by_position = []  # per batched step: drops chosen from positions in C
+    monkeypatch.setenv("TOVA_VLLM_ATTENTION_SCORES", attention)
+    handed = []  # per step evicted at its end: whether each layer handed over queries
+    by_position = []  # per such step: drops chosen from positions in C
+    in_attention = []  # per batched step: every layer's attention evicted by position
     original = CpuEvictor.evict_layers
     original_drops = native.position_drops
+    original_add = LayerBatch.add
 
     def spy(self, queries, caches, ev, groups=None, sides=None, **kw):
         handed.append([q is not None for q in queries])
@@ -242,14 +248,27 @@ def test_position_only_rows_hand_over_no_queries(tiny_models, hf_models, monkeyp
         by_position.append(moves is not None)
         return moves
 
+    def spy_add(self, evictor, cache, queries, side=None):
+        last = len(self.caches) == self.num_layers - 1
+        original_add(self, evictor, cache, queries, side)
+        if last:
+            assert self.protect is not None
+            in_attention.append(self.row_evictions is not None)
+
     monkeypatch.setattr(CpuEvictor, "evict_layers", spy)
     monkeypatch.setattr(CpuEvictor, "_layer_policy_scores", None)  # never scored
     monkeypatch.setattr(native, "position_drops", spy_drops)
+    monkeypatch.setattr(LayerBatch, "add", spy_add)
     prompts = random_prompts([5, 30, 90, 40], seed=5)
     extra = [{"tova_policy": "window"}, {"tova_policy": "sink_window", "tova_cache_size": 20},
              {"tova_policy": "sink_window"}, {"tova_policy": "window", "tova_cache_size": 24}]
     requests = [Req(p, 30, 0, x) for p, x in zip(prompts, extra)]
     run_equals_reference(tiny_models["llama_gqa"], hf_models["llama_gqa"], requests,
                          {"cache_size": 32})
-    assert handed and not any(any(step) for step in handed)
+    assert not any(any(step) for step in handed)
     assert by_position == [True] * len(handed)
+    assert len(in_attention) == len(handed) + sum(in_attention)
+    if attention == "1":
+        assert in_attention and all(in_attention)
+    else:
+        assert handed and not any(in_attention)

@@ -56,7 +56,7 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
             ("a KV cache shared between layers", self.kv_sharing_target_layer_name is not None),
         )
 
-    def _attend_and_score(self, q, cache, phase, out, batch) -> bool:
+    def _attend_and_score(self, q, cache, phase, out, batch, side) -> bool:
         if batch.attention_inputs is None:
             # What vLLM's kernel reads: each row's blocks up to the longest row (the
             # runner's table is as wide as the model's context).
@@ -65,7 +65,8 @@ class TovaCPUImpl(TovaImplMixin, CPUAttentionBackendImpl):
             blocks = -(-attention.max_seq_len // block_size)
             batch.attention_inputs = (attention.block_table[:rows, :blocks].contiguous(),
                                       attention.seq_lens[:rows])
-        return self._evictor.attend_and_score(q, cache, *batch.attention_inputs, out, batch)
+        return self._evictor.attend_and_score(q, cache, *batch.attention_inputs, out, batch,
+                                              side)
 
     def _make_evictor(self, layer, kv_cache) -> CpuEvictor:
         return CpuEvictor(layer.isa, self.head_size, self._tp.total_q_heads, self.scale,

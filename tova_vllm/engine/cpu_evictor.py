@@ -55,7 +55,8 @@ class CpuEvictor(Evictor):
                                    query[qidx], self.scale, table)
         return self.head_mean(head_summed_probs_from_logits(logits, padding=padding))
 
-    def attend_and_score(self, query, pages, block_table, seq_lens, out, batch) -> bool:
+    def attend_and_score(self, query, pages, block_table, seq_lens, out, batch,
+                         side=None) -> bool:
         if self._attends is None:
             self._attends = native.attends(self.layout(pages), pages)
         if not self._attends:
@@ -69,7 +70,14 @@ class CpuEvictor(Evictor):
         evictions = None
         if self.all_reduce is None:  # (tensor parallel: the head sums need every rank's)
             evicts, src, dst = batch.row_evictions_of_next_layer(rows)
-            evictions = native.RowEvictions(evicts, self.total_q_heads, src, dst)
+            by_position = {}
+            if batch.protect is not None:  # position rules: drops by the side state
+                if side is None:
+                    raise RuntimeError("tova-vllm: a layer of a step with side state has none")
+                by_position = dict(zip(("protect", "new_slots", "new_positions"),
+                                       batch.position_inputs(rows)), positions=side.positions)
+            evictions = native.RowEvictions(evicts, self.total_q_heads, src, dst,
+                                            **by_position)
         return native.decode_attention(pages, self.layout(pages), block_table, query,
                                        self.scale, seq_lens, out, scores, logits, evictions)
 

@@ -71,7 +71,8 @@ class Evictor:
         raise NotImplementedError
 
     def attend_and_score(self, query: torch.Tensor, kv_cache, block_table: torch.Tensor,
-                         seq_lens: torch.Tensor, out: torch.Tensor, batch) -> bool:
+                         seq_lens: torch.Tensor, out: torch.Tensor, batch,
+                         side: Optional[SlotSideState] = None) -> bool:
         """Decode attention, one query per row (``query`` ``[rows, q_heads, D]``) over the
         row's first ``seq_lens[r]`` cache positions in ``block_table`` ``[rows, blocks]``
         (what the stock kernel would read), into ``out``, writing the softmax weights it
@@ -79,7 +80,8 @@ class Evictor:
         ``batch.scores_of_next_layer``; False (nothing written) when the platform has no
         such kernel for this cache, and the stock kernel runs.  It may also evict the
         batch's rows right away (``batch.row_evictions_of_next_layer``), leaving nothing
-        for ``evict_layers``."""
+        for ``evict_layers``; rows under position rules (``batch.protect``) then drop by
+        the layer's side state ``side``."""
         return False
 
     def decode_evict_fused(self, scores: torch.Tensor, kv_cache, ev: EvictionBatch) -> bool:

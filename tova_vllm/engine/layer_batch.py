@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from .plan import EvictionBatch
-from .side_state import PolicyGroups
+from .side_state import PolicyGroups, position_protect
 
 
 @dataclass
@@ -42,14 +42,18 @@ class LayerBatch:
     #: layer (nothing reads it before the eviction; no row of a batched step accumulates
     #: attention, so only the positions are kept up to date).
     side_writes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    #: Every row is TOVA's, the step is decode only and each eviction row attends exactly
-    #: the positions it scores (``TovaPhaseMetadata.scored_by_attention``): a platform's
-    #: attention may then give the scores itself (``Evictor.attend_and_score``), and K is
-    #: read once per step instead of twice.
+    #: Every row is TOVA's or under a position rule, the step is decode only and each
+    #: eviction row attends exactly the positions it scores (``TovaPhaseMetadata.
+    #: scored_by_attention``): a platform's attention may then give TOVA's scores itself
+    #: (``Evictor.attend_and_score``), so K is read once per step instead of twice, and
+    #: evict right there, by those scores or by the rows' position rules.
     attention_scores: bool = False
     #: Some row's score needs its last query (TOVA's rows; not the position-only
     #: baselines'): otherwise the layers hand over no queries.  From :attr:`groups`.
     needs_queries: bool = field(init=False)
+    #: ``[E]`` int64 each eviction row's ``position_rule`` when every row has one (then
+    #: drops come from the side state's positions, not from scores); else None.
+    protect: Optional[torch.Tensor] = field(init=False)
     #: ``[L, rows, kv_heads, W]`` fp32 for every row of the step (evicting or not), each
     #: layer's slice filled by its attention: each kv head's sum of its query heads'
     #: softmax weights.  None: the scores are computed here from the queries.
@@ -69,6 +73,21 @@ class LayerBatch:
     def __post_init__(self) -> None:
         self.needs_queries = self.groups is None or any(
             policy.needs_last_query_probs for policy, _ in self.groups)
+        self.protect = None if self.groups is None else position_protect(
+            self.groups, self.evictions.rows.numel())
+        self._position_inputs = None
+
+    def position_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(protect [rows], new slots, new positions)``, int64, for an attention over the
+        step's ``rows`` rows that evicts by position rules (``native.RowEvictions``): made
+        once per step."""
+        if self._position_inputs is None:
+            protect = torch.zeros(rows, dtype=torch.int64)
+            protect[self.evictions.rows] = self.protect
+            slots, positions = self.side_writes
+            self._position_inputs = (protect, slots.to(torch.int64).contiguous(),
+                                     positions.to(torch.int64).contiguous())
+        return self._position_inputs
 
     def scores_of_next_layer(self, make, shape: tuple) -> torch.Tensor:
         """The slice of :attr:`scores` the next layer to :meth:`add` fills (``shape``:

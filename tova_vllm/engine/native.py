@@ -109,7 +109,9 @@ def library() -> Optional[ctypes.CDLL]:
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64]
     lib.tova_vector_floats.restype = ctypes.c_int
     lib.tova_vector_floats.argtypes = []
     fn = lib.tova_decode_drop
@@ -237,12 +239,23 @@ class RowEvictions:
     ``total_q_heads`` (TOVA's mean over every query head of the layer), drops the lowest
     (``policies.position_to_drop``'s rule) and moves its last live position into it.
     ``src``/``dst``: int64 ``[E]`` filled with the slots moved (both -1 for other rows;
-    equal when the newest token is dropped)."""
+    equal when the newest token is dropped).
+
+    Rows under a position rule (``PolicyUnit.position_rule``) give ``positions``, the
+    layer's side-state positions (int32, an entry for every slot of the pages), with
+    ``protect`` (int64 ``[E]``, each row's rule) and the step's new tokens
+    (``new_slots``/``new_positions``, int64, written first): they drop by
+    :func:`position_drops`' key instead of the scores, and the side state's position
+    moves with the K and V."""
 
     evicts: torch.Tensor
     total_q_heads: int
     src: torch.Tensor
     dst: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    protect: Optional[torch.Tensor] = None
+    new_slots: Optional[torch.Tensor] = None
+    new_positions: Optional[torch.Tensor] = None
 
 
 def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch.Tensor,
@@ -275,6 +288,15 @@ def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch
             and all(t.shape == (rows,) and t.dtype == torch.int64 and t.is_contiguous()
                     for t in (ev.src, ev.dst))):
         raise ValueError("tova-vllm: decode_attention got mismatched evictions")
+    by_position = ev is not None and ev.positions is not None
+    if by_position and not (
+            ev.positions.dtype == torch.int32 and ev.positions.is_contiguous()
+            and ev.protect.shape == (rows,) and ev.protect.dtype == torch.int64
+            and ev.protect.is_contiguous()
+            and all(t.dim() == 1 and t.dtype == torch.int64 and t.is_contiguous()
+                    and t.numel() == ev.new_slots.numel()
+                    for t in (ev.new_slots, ev.new_positions))):
+        raise ValueError("tova-vllm: decode_attention got mismatched position evictions")
     if rows == 0:
         return True
     direct = out.dtype == torch.float32 and out.is_contiguous()
@@ -288,10 +310,17 @@ def decode_attention(pages: torch.Tensor, layout: PageLayout, block_table: torch
         q_heads // kv_heads, float(scale), lengths.data_ptr(), logits.data_ptr(),
         result.data_ptr(), scores.data_ptr(), torch.get_num_threads(), num_blocks,
         None if ev is None else ev.evicts.data_ptr(), 0 if ev is None else ev.total_q_heads,
-        None if ev is None else ev.src.data_ptr(), None if ev is None else ev.dst.data_ptr())
+        None if ev is None else ev.src.data_ptr(), None if ev is None else ev.dst.data_ptr(),
+        ev.positions.data_ptr() if by_position else None,
+        ev.positions.numel() if by_position else 0,
+        ev.protect.data_ptr() if by_position else None,
+        ev.new_slots.data_ptr() if by_position else None,
+        ev.new_positions.data_ptr() if by_position else None,
+        ev.new_slots.numel() if by_position else 0)
     if status == -2:
-        raise IndexError(f"tova-vllm: block ids outside 0..{num_blocks - 1} or live lengths "
-                         f"outside 1..{width}")
+        raise IndexError(f"tova-vllm: block ids outside 0..{num_blocks - 1}, live lengths "
+                         f"outside 1..{width}, or a side state short of the pages' slots "
+                         "or the new ones")
     if status != 0:
         raise RuntimeError(f"tova-vllm: {SOURCE.name} cannot attend over these pages")
     if not direct:

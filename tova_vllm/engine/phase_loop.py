@@ -59,9 +59,10 @@ class TovaImplMixin:
         super().forward(layer, q, k, v, kv_cache, phase.attention, out)
         return None
 
-    def _attend_and_score(self, q, cache, phase: TovaPhaseMetadata, out, batch) -> bool:
+    def _attend_and_score(self, q, cache, phase: TovaPhaseMetadata, out, batch,
+                          side: Optional[SlotSideState]) -> bool:
         """Attention of a decode phase (over ``cache``, the evictor's view of the layer's
-        cache) into ``out`` that also fills the layer's slice of
+        cache; ``side`` its side state) into ``out`` that also fills the layer's slice of
         ``batch.scores`` (``Evictor.attend_and_score``); False when the platform cannot,
         and the stock kernel runs."""
         return False
@@ -100,7 +101,7 @@ class TovaImplMixin:
             # The first layer that cannot give its scores from attention turns it off for
             # the step (all layers share shapes, so it is the first or none).
             scored = (batch is not None and batch.attention_scores
-                      and self._attend_and_score(q, cache, phase, out, batch))
+                      and self._attend_and_score(q, cache, phase, out, batch, side))
             if batch is not None and batch.scores is None:
                 batch.attention_scores = False
             lse = None if scored else self._attend(layer, q, k, v, kv_cache, phase, out)

@@ -206,8 +206,10 @@ class TovaPhasedBuilder:
             layer_batch = self._last_layer_batch = LayerBatch(
                 last.evictions, self.num_layers, groups=groups,
                 side_writes=(last.slots, last.positions) if side_state else None,
-                attention_scores=(self._attention_scores and groups is None
-                                  and last.scored_by_attention))
+                attention_scores=(self._attention_scores and last.scored_by_attention
+                                  and (groups is None or all(
+                                      policy.position_rule is not None
+                                      for policy, _ in groups))))
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 

@@ -354,22 +354,13 @@ static int64_t lowest_position(const void *scores, int f64, int64_t base, int64_
     return last_nan >= 0 ? last_nan : lowest;
 }
 
-/* Row e's decode eviction right after its attention, while its pages are in cache: the
- * score of each live position is its kv heads' sums added in head order, divided by all
- * the layer's query heads (TOVA's mean); the lowest one is dropped and the row's last
- * live position moves into it (K column and V row of every kv head).  ``mean``: scratch
- * of ``live`` floats.  Writes the two slots (equal when the newest token is dropped). */
-static void evict_row(const job_t *j, int64_t e, const float *scores, int total_q_heads,
-                      float *mean, int64_t *src_slot, int64_t *dst_slot) {
-    const int64_t W = (int64_t)j->per_row * j->bs, live = j->live[e];
+/* Row e's decode move: its last live position's K column and V row, every kv head, into
+ * the dropped position ``drop``.  Writes the two slots (equal when the newest token is
+ * dropped, and then nothing moves). */
+static void move_last_into(const job_t *j, int64_t e, int64_t drop, int64_t *src_slot,
+                           int64_t *dst_slot) {
     const int H = j->kv_heads, bs = j->bs, D = j->D;
-    const float *sc = scores + e * H * W;
-    for (int64_t t = 0; t < live; ++t) {
-        float sum = sc[t];
-        for (int h = 1; h < H; ++h) sum += sc[h * W + t];
-        mean[t] = sum / (float)total_q_heads;
-    }
-    const int64_t drop = lowest_position(mean, 0, 0, live), last = live - 1;
+    const int64_t last = j->live[e] - 1;
     const int32_t *table = j->table + e * j->per_row;
     const int64_t from = table[last / bs], from_off = last % bs;
     const int64_t to = table[drop / bs], to_off = drop % bs;
@@ -389,27 +380,73 @@ static void evict_row(const job_t *j, int64_t e, const float *scores, int total_
     }
 }
 
+/* Row e's decode eviction right after its attention, while its pages are in cache: the
+ * score of each live position is its kv heads' sums added in head order, divided by all
+ * the layer's query heads (TOVA's mean); the lowest one is dropped and the row's last
+ * live position moves into it.  ``mean``: scratch of ``live`` floats. */
+static void evict_row(const job_t *j, int64_t e, const float *scores, int total_q_heads,
+                      float *mean, int64_t *src_slot, int64_t *dst_slot) {
+    const int64_t W = (int64_t)j->per_row * j->bs, live = j->live[e];
+    const int H = j->kv_heads;
+    const float *sc = scores + e * H * W;
+    for (int64_t t = 0; t < live; ++t) {
+        float sum = sc[t];
+        for (int h = 1; h < H; ++h) sum += sc[h * W + t];
+        mean[t] = sum / (float)total_q_heads;
+    }
+    move_last_into(j, e, lowest_position(mean, 0, 0, live), src_slot, dst_slot);
+}
+
+/* The same for a row under a position rule (tova_position_drop's key: the logical
+ * position held in ``positions`` [slot], plus 2**40 below ``protect``; ties to the
+ * highest cache position); the side state's position moves with the K and V. */
+static void evict_row_by_position(const job_t *j, int64_t e, int32_t *positions,
+                                  int64_t protect, int64_t *src_slot, int64_t *dst_slot) {
+    const int bs = j->bs;
+    const int32_t *table = j->table + e * j->per_row;
+    int64_t lowest = 0, best = 0;
+    for (int64_t s = 0; s < j->live[e]; ++s) {
+        const int64_t p = positions[table[s / bs] * (int64_t)bs + s % bs];
+        const int64_t key = p + (p < protect ? (int64_t)1 << 40 : 0);
+        if (s == 0 || key <= best) { best = key; lowest = s; }
+    }
+    move_last_into(j, e, lowest, src_slot, dst_slot);
+    positions[*dst_slot] = positions[*src_slot];
+}
+
 /* Decode attention of one layer, one query per row, over the row's first live[e] cache
  * positions (block table [rows, per_row]; K transposed, V rows, bs and D multiples of
  * 16): ``attn`` [rows, kv_heads, group, D] float32, ``scores`` [rows, kv_heads, W] each
  * kv head's sum over its query heads of the softmax weights (0 past live), ``logits``
  * [rows, kv_heads, group, W] scratch.  With ``evicts`` ([rows], nonzero: the row is at
  * its budget and drops one position), each such row then evicts (``evict_row``) into
- * ``src_slots``/``dst_slots`` [rows] (-1 for the other rows).  Returns 0; -1 for an
- * unsupported shape or dtype, -2 for a block id outside the pages or a live length
- * outside 1 .. W. */
+ * ``src_slots``/``dst_slots`` [rows] (-1 for the other rows).  With ``positions`` (the
+ * layer's side-state positions, int32 [positions_size]) the rows evict by their position
+ * rule instead (``evict_row_by_position``, ``protect`` [rows]), after the step's new
+ * positions are written (``new_slots``/``new_positions``, n_new).  Returns 0; -1 for an
+ * unsupported shape or dtype, -2 for a block id outside the pages, a live length outside
+ * 1 .. W, or a side state too small for the pages or a new slot. */
 int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int kv_heads,
                           int bs, int D, const int32_t *table, int rows, int per_row,
                           const float *q, int group, float scale, const int32_t *live,
                           float *logits, float *attn, float *scores, int threads,
                           int num_blocks, const int32_t *evicts, int total_q_heads,
-                          int64_t *src_slots, int64_t *dst_slots) {
+                          int64_t *src_slots, int64_t *dst_slots, int32_t *positions,
+                          int64_t positions_size, const int64_t *protect,
+                          const int64_t *new_slots, const int64_t *new_positions,
+                          int64_t n_new) {
     if (dtype < F32 || dtype > F16 || bs % 16 || D % 16 || group < 1) return -1;
-    if (evicts && total_q_heads < 1) return -1;
+    if (evicts && !positions && total_q_heads < 1) return -1;
     for (int64_t i = 0; i < (int64_t)rows * per_row; ++i)
         if (table[i] < 0 || table[i] >= num_blocks) return -2;
     for (int e = 0; e < rows; ++e)
         if (live[e] < 1 || live[e] > (int64_t)per_row * bs) return -2;
+    if (positions) {  /* every slot of the pages, and each new one, has its entry */
+        if (positions_size < (int64_t)num_blocks * bs) return -2;
+        for (int64_t i = 0; i < n_new; ++i)
+            if (new_slots[i] < 0 || new_slots[i] >= positions_size) return -2;
+        for (int64_t i = 0; i < n_new; ++i) positions[new_slots[i]] = (int32_t)new_positions[i];
+    }
     const char *layer[1] = {(const char *)pages};
     const job_t base = {layer, dtype, rows, block_elems, kv_heads, bs, D, bs, 1, group,
                         per_row, table, q, live, scale, logits, 0, 0};
@@ -435,8 +472,12 @@ int tova_decode_attention(const void *pages, int dtype, int64_t block_elems, int
                 /* the row's own logits, no longer needed, are the scratch */
                 float *mean = logits + (int64_t)e * kv_heads * group * per_row * bs;
                 src_slots[e] = dst_slots[e] = -1;
-                if (evicts[e]) evict_row(&base, e, scores, total_q_heads, mean, src_slots + e,
-                                         dst_slots + e);
+                if (evicts[e] && positions)
+                    evict_row_by_position(&base, e, positions, protect[e], src_slots + e,
+                                          dst_slots + e);
+                else if (evicts[e])
+                    evict_row(&base, e, scores, total_q_heads, mean, src_slots + e,
+                              dst_slots + e);
             }
         }
     }
