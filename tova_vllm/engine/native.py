@@ -384,15 +384,22 @@ def decode_drops(scores: torch.Tensor, live: torch.Tensor, slots: torch.Tensor
     return src, dst
 
 
+def _int32_arrays(arrays: list[torch.Tensor]) -> tuple[Optional[ctypes.CDLL], Any]:
+    """The library and the arrays' pointers, for calls over every layer's int32 side-state
+    positions; ``(None, None)`` when the library is not there or cannot read them."""
+    lib = library()
+    if lib is None or arrays[0].dtype != torch.int32:
+        return None, None
+    readable, pointers = _checked(arrays)
+    return (lib, pointers) if readable else (None, None)
+
+
 def scatter_positions(arrays: list[torch.Tensor], slots: torch.Tensor,
                       positions: torch.Tensor) -> bool:
     """``array[slots] = positions`` for every int32 array (each layer's side-state
     positions) in one call; False when the library is not there (the caller indexes)."""
-    lib = library()
-    if lib is None or arrays[0].dtype != torch.int32:
-        return False
-    readable, pointers = _checked(arrays)
-    if not readable:
+    lib, pointers = _int32_arrays(arrays)
+    if lib is None:
         return False
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
@@ -412,11 +419,8 @@ def position_drops(arrays: list[torch.Tensor], live: torch.Tensor, slots: torch.
     (``positions + PROTECTED * (positions < protect[e])``) and moves the side state's
     positions.  Returns ``(src [E], dst [L, E])`` as ``decode_drops`` does, for the caller
     to move K and V; None without the library (nothing written)."""
-    lib = library()
-    if lib is None or arrays[0].dtype != torch.int32:
-        return None
-    readable, pointers = _checked(arrays)
-    if not readable:
+    lib, pointers = _int32_arrays(arrays)
+    if lib is None:
         return None
     rows, width = slots.shape
     if tuple(live.shape) != (rows,) or tuple(protect.shape) != (rows,):

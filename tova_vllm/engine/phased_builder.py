@@ -21,7 +21,7 @@ from .device_copy import host_to_device
 from .layer_batch import LayerBatch
 from .plan import EvictionBatch, Phase, QueryBatch, RequestStep, plan_step, query_batch
 from .spec import TovaSpec
-from .side_state import PolicyGroups, group_rows
+from .side_state import PolicyGroups, group_rows, under_position_rules
 from .handoff import step_runner
 from .step_context import batch_rows, host_block_table
 
@@ -207,9 +207,7 @@ class TovaPhasedBuilder:
                 last.evictions, self.num_layers, groups=groups,
                 side_writes=(last.slots, last.positions) if side_state else None,
                 attention_scores=(self._attention_scores and last.scored_by_attention
-                                  and (groups is None or all(
-                                      policy.position_rule is not None
-                                      for policy, _ in groups))))
+                                  and (groups is None or under_position_rules(groups))))
         return TovaStepMetadata(phases=phases, num_actual_tokens=cm.num_actual_tokens,
                                 side_state=side_state, layer_batch=layer_batch)
 

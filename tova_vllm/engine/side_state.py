@@ -85,12 +85,17 @@ def group_rows(policies: list[EvictionPolicy], device: torch.device) -> PolicyGr
             for policy, rows in members.items()]
 
 
+def under_position_rules(groups: PolicyGroups) -> bool:
+    """Whether every group's policy has a position rule (drops need no scores)."""
+    return all(policy.position_rule is not None for policy, _ in groups)
+
+
 def position_protect(groups: PolicyGroups, rows: int) -> Optional[torch.Tensor]:
     """``[rows]`` int64: each eviction row's ``position_rule`` (its keep score is its
     positions' plus PROTECTED below that), when every group's policy has one; else None."""
-    rules = [policy.position_rule for policy, _ in groups]
-    if any(rule is None for rule in rules):
+    if not under_position_rules(groups):
         return None
+    rules = [policy.position_rule for policy, _ in groups]
     if len(rules) == 1:
         return torch.full((rows,), rules[0], dtype=torch.int64)
     protect = torch.empty(rows, dtype=torch.int64)
